@@ -1,0 +1,113 @@
+"""The consumers: fetch one item's image, verify it, and commit it atomically."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .errors import ItemError
+from .metrics import Metrics
+from .pager import CatalogueItem
+from .storage import ImageSink, sha256_file
+from .zoho import ZohoClient
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One image to fetch: the item, where from, and what we held before."""
+
+    item: CatalogueItem
+    url: str
+    identity: str
+    previous: dict[str, Any] | None
+    verify_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to a job."""
+
+    kind: str  # "new" | "updated" | "unchanged" | "error"
+    fields: dict[str, Any]
+    bytes: int = 0
+    reason: str | None = None
+    detail: str | None = None
+
+
+def image_fields(item: CatalogueItem, identity: str, url: str) -> dict[str, Any]:
+    """The catalogue facts kept in the state for every item (export needs them)."""
+    return {
+        "name": item.name,
+        "sku": item.sku,
+        "image_name": item.image_name,
+        "image_type": item.image_type,
+        "image_document_id": item.image_document_id or None,
+        "image_url": url if item.from_url_map or item.image_url else None,
+        "identity": identity,
+    }
+
+
+def file_matches(previous: dict[str, Any]) -> bool:
+    """The recorded file exists with the recorded sha256 (blocking; hashes the file)."""
+    path = previous.get("path")
+    if not path:
+        return False
+    try:
+        return sha256_file(Path(path)) == previous.get("sha256")
+    except OSError:
+        return False
+
+
+async def run_job(job: Job, client: ZohoClient, images_dir: Path, metrics: Metrics) -> Outcome:
+    """Download (or verify) one image; never raises for a per-item failure."""
+    item = job.item
+    base = image_fields(item, job.identity, job.url)
+    prev = job.previous
+    if job.verify_only and prev is not None and await asyncio.to_thread(file_matches, prev):
+        st = os.stat(prev["path"])
+        return Outcome("unchanged", {**base, "mtime_ns": st.st_mtime_ns})
+    sink = ImageSink(images_dir, item.item_id)
+    t0 = time.perf_counter()
+    metrics.downloads_in_flight.inc()
+    try:
+        result = await client.fetch_image(job.url, sink, item.item_id)
+        try:
+            path = await sink.commit(result.ext)
+        except OSError as exc:
+            raise ItemError("write_failed", f"{exc.strerror or exc} ({images_dir})") from None
+    except ItemError as exc:
+        await sink.discard()
+        metrics.image_failures.labels(exc.reason).inc()
+        log.warning("image failed", item_id=item.item_id, reason=exc.reason, detail=exc.detail)
+        return Outcome("error", base, reason=exc.reason, detail=exc.detail)
+    except BaseException:
+        await sink.discard()
+        raise
+    finally:
+        metrics.downloads_in_flight.dec()
+    metrics.download_duration.observe(time.perf_counter() - t0)
+    metrics.images_downloaded.inc()
+    metrics.bytes_downloaded.inc(sink.size)
+    st = await asyncio.to_thread(os.stat, path)
+    had_image = job.previous is not None and job.previous.get("path")
+    fields = {
+        **base,
+        "status": "downloaded",
+        "path": str(path),
+        "ext": result.ext,
+        "sha256": sink.sha256(),
+        "bytes": sink.size,
+        "mtime_ns": st.st_mtime_ns,
+        "reason": None,
+        "detail": None,
+    }
+    log.debug("image written", item_id=item.item_id, bytes=sink.size, ext=result.ext)
+    return Outcome("updated" if had_image else "new", fields, bytes=sink.size)

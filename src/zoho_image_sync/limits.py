@@ -1,0 +1,220 @@
+"""Rate, concurrency and budget limits, as Zoho counts them.
+
+Zoho counts arrivals (rejected ones included) over a rolling minute. A token bucket
+such as ``aiolimiter.AsyncLimiter(100, 60)`` admits a full burst and then refills, so
+up to ~2x the limit can land in one 60 s span. ``RollingWindow`` instead keeps the
+send time of each of the last ``limit`` requests and admits the next one only when the
+oldest has left the window (plus a margin for latency jitter): no 60 s span ever holds
+more than ``limit`` of our requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
+
+from aiolimiter import AsyncLimiter
+
+from .errors import BudgetExhausted
+
+
+class RollingWindow:
+    """At most ``limit`` acquisitions in any ``window`` seconds (exact, not a bucket)."""
+
+    def __init__(
+        self,
+        limit: int,
+        window: float = 60.0,
+        margin: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self.margin = margin
+        self.clock = clock
+        self._sent: deque[float] = deque()
+        self._lock = asyncio.Lock()
+        self._blocked_until = 0.0
+        self.waited_seconds = 0.0
+
+    def set_limit(self, limit: int) -> None:
+        """Change the limit live (SIGHUP); the window history is kept."""
+        self.limit = limit
+
+    def block_for(self, seconds: float) -> None:
+        """Admit nothing for ``seconds`` (the server told us to slow down)."""
+        self._blocked_until = max(self._blocked_until, self.clock() + seconds)
+
+    def in_window(self) -> int:
+        """Acquisitions within the current window."""
+        self._expire(self.clock())
+        return len(self._sent)
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.window - self.margin
+        while self._sent and self._sent[0] <= horizon:
+            self._sent.popleft()
+
+    async def acquire(self) -> None:
+        """Wait until one more request fits in every rolling window, then count it."""
+        async with self._lock:
+            while True:
+                now = self.clock()
+                self._expire(now)
+                wait = self._blocked_until - now
+                if len(self._sent) >= self.limit:
+                    # The oldest of the last `limit` sends must leave the window first.
+                    idx = len(self._sent) - self.limit
+                    wait = max(wait, self._sent[idx] + self.window + self.margin - now)
+                if wait <= 0:
+                    break
+                self.waited_seconds += wait
+                await asyncio.sleep(wait)
+            self._sent.append(self.clock())
+
+
+class Slots:
+    """A semaphore whose size can change while it is held (SIGHUP)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._cond = asyncio.Condition()
+
+    async def set_limit(self, limit: int) -> None:
+        """Resize; holders above a smaller limit finish, newcomers wait."""
+        async with self._cond:
+            self.limit = limit
+            self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """Hold one slot for the duration of the block."""
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.in_use < self.limit)
+            self.in_use += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self.in_use -= 1
+                self._cond.notify()
+
+
+def next_utc_midnight(now: float) -> float:
+    """The epoch time at which the next UTC day starts."""
+    today = dt.datetime.fromtimestamp(now, dt.UTC).date()
+    tomorrow = dt.datetime.combine(today + dt.timedelta(days=1), dt.time(), dt.UTC)
+    return tomorrow.timestamp()
+
+
+class DailyBudget:
+    """Our own count of Zoho API requests per UTC day, and Zoho's word (code 45)."""
+
+    def __init__(
+        self, limit: int, wall: Callable[[], float] = time.time, spent: int = 0, day: str = ""
+    ) -> None:
+        self.limit = limit
+        self.wall = wall
+        self.day = day or self._today()
+        self.spent = spent if day == self._today() or not day else 0
+        self.exhausted_until: float | None = None
+
+    def _today(self) -> str:
+        return dt.datetime.fromtimestamp(self.wall(), dt.UTC).date().isoformat()
+
+    def _roll(self) -> None:
+        today = self._today()
+        if today != self.day:
+            self.day, self.spent = today, 0
+        if self.exhausted_until is not None and self.wall() >= self.exhausted_until:
+            self.exhausted_until = None
+
+    @property
+    def remaining(self) -> int:
+        """Requests left today (0 while Zoho says the day's budget is spent)."""
+        self._roll()
+        if self.exhausted_until is not None:
+            return 0
+        return max(0, self.limit - self.spent)
+
+    def take(self) -> None:
+        """Count one request, or raise BudgetExhausted when none is left."""
+        self._roll()
+        if self.exhausted_until is not None or self.spent >= self.limit:
+            resume = self.exhausted_until or next_utc_midnight(self.wall())
+            raise BudgetExhausted("daily request budget spent", resume_at=resume)
+        self.spent += 1
+
+    def exhaust(self) -> float:
+        """Zoho answered code 45: nothing more until the next UTC day."""
+        self.exhausted_until = next_utc_midnight(self.wall())
+        return self.exhausted_until
+
+
+class ApiGate:
+    """Everything a Zoho API request must pass: budget, concurrency, rolling window."""
+
+    def __init__(
+        self,
+        requests_per_minute: int,
+        max_concurrent: int,
+        budget: DailyBudget,
+        window: float = 60.0,
+        margin: float = 0.5,
+    ) -> None:
+        self.window = RollingWindow(requests_per_minute, window=window, margin=margin)
+        self.slots = Slots(max_concurrent)
+        self.budget = budget
+
+    @contextlib.asynccontextmanager
+    async def request(self) -> AsyncIterator[None]:
+        """Hold a concurrency slot and a window slot for one request."""
+        self.budget.take()
+        async with self.slots.hold():
+            # The send time is recorded after the slot is held, right before sending,
+            # so the window never under-counts what Zoho sees.
+            await self.window.acquire()
+            yield
+
+    async def reconfigure(self, requests_per_minute: int, max_concurrent: int, daily: int) -> None:
+        """Apply new limits live."""
+        self.window.set_limit(requests_per_minute)
+        await self.slots.set_limit(max_concurrent)
+        self.budget.limit = daily
+
+
+class HostGate:
+    """Per-host rate and concurrency for non-Zoho image hosts (url_map, image_url)."""
+
+    def __init__(self, per_second: float, concurrency: int) -> None:
+        self.per_second = per_second
+        self.concurrency = concurrency
+        self._hosts: dict[str, tuple[AsyncLimiter, Slots]] = {}
+
+    def reconfigure(self, per_second: float, concurrency: int) -> None:
+        """New limits apply to hosts met from now on."""
+        self.per_second, self.concurrency = per_second, concurrency
+        self._hosts.clear()
+
+    @contextlib.asynccontextmanager
+    async def request(self, url: str) -> AsyncIterator[None]:
+        """Hold this host's slot and rate token for one request."""
+        host = urlsplit(url).netloc.lower()
+        if host not in self._hosts:
+            # Bucket of one second's worth: a token bucket is fine for hosts we do not
+            # owe an exact rolling-window guarantee.
+            rate = max(1.0, self.per_second)
+            self._hosts[host] = (
+                AsyncLimiter(rate, rate / self.per_second),
+                Slots(self.concurrency),
+            )
+        limiter, slots = self._hosts[host]
+        async with slots.hold():
+            await limiter.acquire()
+            yield

@@ -1,0 +1,98 @@
+"""The catalogue producer: walks every page (or the items file) and yields items.
+
+Items come out as ``CatalogueItem`` values, one page at a time, so memory stays flat
+however long the catalogue is; the caller feeds them into a bounded queue.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+
+from .errors import ConfigError
+from .zoho import ZohoClient
+
+log = structlog.get_logger(__name__)
+
+PER_PAGE: Final = 200
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogueItem:
+    """One catalogue entry, normalised from Zoho's JSON or the ERP's export."""
+
+    item_id: str
+    name: str = ""
+    sku: str = ""
+    image_name: str = ""
+    image_type: str = ""
+    image_document_id: str = ""
+    image_url: str = ""
+    from_url_map: bool = False
+
+    @classmethod
+    def from_zoho(cls, raw: Mapping[str, Any]) -> CatalogueItem:
+        """From an item of the Inventory items list (or the ERP's export shape)."""
+        item_id = raw.get("item_id", raw.get("zoho_item_id", ""))
+        return cls(
+            item_id=item_id if isinstance(item_id, str) else str(item_id),
+            name=_text(raw.get("name", raw.get("name_en"))),
+            sku=_text(raw.get("sku", raw.get("code"))),
+            image_name=_text(raw.get("image_name")),
+            image_type=_text(raw.get("image_type")),
+            image_document_id=_text(raw.get("image_document_id")),
+            image_url=_text(raw.get("image_url")),
+        )
+
+    @property
+    def has_zoho_image(self) -> bool:
+        """Zoho lists an image for this item."""
+        return bool(self.image_document_id or self.image_name)
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+async def zoho_pages(
+    client: ZohoClient, start_page: int = 1, extra: dict[str, str] | None = None
+) -> AsyncIterator[tuple[int, list[CatalogueItem]]]:
+    """Every page of the item list, until ``has_more_page`` is false."""
+    page = start_page
+    while True:
+        raw_items, has_more = await client.items_page(page, PER_PAGE, extra)
+        items = [CatalogueItem.from_zoho(r) for r in raw_items if isinstance(r, Mapping)]
+        if len(items) != len(raw_items):
+            log.warning("items page held non-object entries", page=page)
+        yield page, items
+        if not has_more:
+            return
+        page += 1
+
+
+def load_url_map(path: str) -> dict[str, str]:
+    """The hand-made ``image_urls.json``: ``{"<item id>": "https://..."}``."""
+    if not path:
+        return {}
+    try:
+        doc = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise ConfigError("source.url_map", f"file not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError("source.url_map", f"cannot read {path} as JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError("source.url_map", f"{path} must hold a JSON object {{id: url}}")
+    out: dict[str, str] = {}
+    for key, value in doc.items():
+        if isinstance(value, str) and value.strip():
+            out[str(key)] = value.strip()
+        else:
+            log.warning("url_map entry is not a URL string; ignored", item_id=str(key)[:80])
+    return out

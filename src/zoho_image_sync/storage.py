@@ -1,0 +1,217 @@
+"""Atomic files: images and JSON documents reach their final name complete or not at all.
+
+Every write goes to a temporary file in the same folder, is flushed and fsynced,
+renamed over the final name, and the folder is fsynced so the rename survives a
+power loss. Temporaries carry a recognisable prefix so a start can sweep them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Final
+
+import aiofiles
+import aiofiles.os
+
+TMP_PREFIX: Final = ".zis-tmp-"
+ITEM_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+EXTENSIONS: Final = ("jpg", "png", "gif", "webp", "bmp")
+MAGIC_PREFIX_BYTES: Final = 12
+
+
+def valid_item_id(item_id: object) -> bool:
+    """True when ``item_id`` is safe to use as a file name (the contract's pattern)."""
+    return isinstance(item_id, str) and ITEM_ID_RE.fullmatch(item_id) is not None
+
+
+def sniff_image(head: bytes) -> str | None:
+    """The image type from its magic number, or None when these bytes are no image we take."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if len(head) >= 12 and head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "webp"
+    if head.startswith(b"BM") and len(head) >= 6:
+        return "bmp"
+    return None
+
+
+def image_path(images_dir: Path, item_id: str, ext: str) -> Path:
+    """The final name of an item's image."""
+    return images_dir / f"{item_id}.{ext}"
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or unlink in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(folder: Path, stem: str) -> Path:
+    """A fresh temporary path in ``folder`` that the start-up sweep will recognise."""
+    return folder / f"{TMP_PREFIX}{stem}-{secrets.token_hex(4)}"
+
+
+def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` atomically and durably (blocking; call in a thread)."""
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(folder, path.name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def sweep_temporaries(folder: Path) -> int:
+    """Remove temporaries left by a crash; returns how many were removed."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if entry.name.startswith(TMP_PREFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+    if removed:
+        fsync_dir(folder)
+    return removed
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's content (blocking)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remove_other_images(images_dir: Path, item_id: str, keep: Path | None) -> list[Path]:
+    """Delete this item's images other than ``keep`` (another extension); blocking."""
+    removed = []
+    for ext in EXTENSIONS:
+        p = image_path(images_dir, item_id, ext)
+        if p != keep and p.exists():
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _commit_bytes(final: Path, data: bytes, item_id: str) -> None:
+    # One thread hop per image: write, fsync, rename, fsync folder, drop other extensions.
+    write_bytes_atomic(final, data, 0o644)
+    remove_other_images(final.parent, item_id, final)
+
+
+class ImageSink:
+    """Receives one image's body chunk by chunk and commits it atomically.
+
+    Bytes are kept in memory up to ``spill_bytes`` (one thread hop per image for the
+    common 30-300 KB case) and spilled to a temporary file through aiofiles beyond
+    that, so memory stays bounded at workers x spill_bytes whatever the image size.
+    """
+
+    def __init__(self, images_dir: Path, item_id: str, spill_bytes: int = 1 << 20) -> None:
+        self.images_dir = images_dir
+        self.item_id = item_id
+        self.spill_bytes = spill_bytes
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._buf = bytearray()
+        self._head = b""
+        self._tmp: Path | None = None
+        self._file: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None
+
+    @property
+    def head(self) -> bytes:
+        """The first bytes received, for the magic-number check."""
+        return self._head
+
+    async def write(self, chunk: bytes) -> None:
+        """Take the next chunk."""
+        self.size += len(chunk)
+        self._hash.update(chunk)
+        if len(self._head) < MAGIC_PREFIX_BYTES:
+            self._head = (self._head + chunk[:MAGIC_PREFIX_BYTES])[:MAGIC_PREFIX_BYTES]
+        if self._file is None:
+            self._buf += chunk
+            if len(self._buf) > self.spill_bytes:
+                self._tmp = temp_name(self.images_dir, self.item_id)
+                self._file = await aiofiles.open(self._tmp, "xb")
+                await self._file.write(bytes(self._buf))
+                self._buf = bytearray()
+        else:
+            await self._file.write(chunk)
+
+    def sha256(self) -> str:
+        """Hex digest of everything written so far."""
+        return self._hash.hexdigest()
+
+    async def commit(self, ext: str) -> Path:
+        """Flush, fsync and rename into ``{images_dir}/{item_id}.{ext}``; fsync the folder."""
+        final = image_path(self.images_dir, self.item_id, ext)
+        if self._file is None:
+            data = bytes(self._buf)
+            self._buf = bytearray()
+            await asyncio.to_thread(_commit_bytes, final, data, self.item_id)
+            return final
+        else:
+            f, tmp = self._file, self._tmp
+            assert tmp is not None
+            self._file = None
+            try:
+                await f.flush()
+                await asyncio.to_thread(os.fsync, f.fileno())
+            finally:
+                await f.close()
+            await aiofiles.os.replace(tmp, final)
+            self._tmp = None
+            await asyncio.to_thread(fsync_dir, self.images_dir)
+        await asyncio.to_thread(remove_other_images, self.images_dir, self.item_id, final)
+        return final
+
+    def reset(self) -> None:
+        """Start over for a retry (call ``discard`` first)."""
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._head = b""
+
+    async def discard(self) -> None:
+        """Drop everything received; no file is left behind."""
+        self._buf = bytearray()
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                await self._file.close()
+            self._file = None
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                await aiofiles.os.remove(self._tmp)
+            self._tmp = None

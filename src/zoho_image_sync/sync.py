@@ -1,0 +1,457 @@
+"""One sync pass: the pager feeds a bounded queue, a resizable pool of workers drains it.
+
+Stopping is two-phase: the producer stops first and queued items are dropped, then
+in-flight downloads get ``shutdown_timeout`` to finish before they are cancelled (their
+temporaries removed). State is saved periodically and at the end, whatever the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+
+from .download import Job, Outcome, image_fields, run_job
+from .errors import (
+    BudgetExhausted,
+    ConfigError,
+    FatalPassError,
+    SyncError,
+    TokenUnavailable,
+)
+from .metrics import Metrics
+from .pager import CatalogueItem
+from .state import State
+from .storage import EXTENSIONS, image_path, valid_item_id
+from .zoho import ZohoClient
+
+log = structlog.get_logger(__name__)
+
+SAVE_EVERY_SECONDS = 2.0
+STAT_KEYS = (
+    "total",
+    "new",
+    "updated",
+    "unchanged",
+    "no_image",
+    "images_downloaded",
+    "bytes_downloaded",
+    "errors",
+    "removed",
+    "api_requests",
+)
+
+PageSource = Callable[[], AsyncIterator[tuple[int, list[CatalogueItem]]]]
+
+
+@dataclass
+class PassStats:
+    """The counts of the pass report (CONTRACT.md)."""
+
+    total: int = 0
+    new: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    no_image: int = 0
+    images_downloaded: int = 0
+    bytes_downloaded: int = 0
+    errors: int = 0
+    removed: int = 0
+    api_requests: int = 0
+    errors_list: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, int]:
+        """The ``statistics`` object."""
+        return {k: getattr(self, k) for k in STAT_KEYS}
+
+
+@dataclass
+class Progress:
+    """The live progress of a pass, for /state, STATUS= and the terminal."""
+
+    started_at: float = field(default_factory=time.time)
+    pages_done: int = 0
+    items_seen: int = 0
+    queued: int = 0
+    images_done: int = 0
+    in_flight: int = 0
+    catalogue_done: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON view with rate and ETA."""
+        elapsed = max(time.time() - self.started_at, 1e-6)
+        rate = self.images_done / elapsed
+        left = max(self.queued - self.images_done, 0)
+        return {
+            "started_at": round(self.started_at, 3),
+            "elapsed_seconds": round(elapsed, 1),
+            "pages_done": self.pages_done,
+            "items_seen": self.items_seen,
+            "images_queued": self.queued,
+            "images_done": self.images_done,
+            "in_flight": self.in_flight,
+            "images_per_second": round(rate, 2),
+            "eta_seconds": round(left / rate, 1) if rate > 0 and self.catalogue_done else None,
+            "catalogue_done": self.catalogue_done,
+        }
+
+
+class SyncPass:
+    """One pass over the catalogue."""
+
+    def __init__(
+        self,
+        *,
+        pages: PageSource,
+        client: ZohoClient,
+        state: State,
+        metrics: Metrics,
+        images_dir: Path,
+        url_map: dict[str, str],
+        workers: int,
+        shutdown_timeout: float,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        self.pages = pages
+        self.client = client
+        self.state = state
+        self.metrics = metrics
+        self.images_dir = images_dir
+        self.url_map = url_map
+        self.target_workers = workers
+        self.shutdown_timeout = shutdown_timeout
+        self.external_stop = stop or asyncio.Event()
+        self.stats = PassStats()
+        self.progress = Progress()
+        self.interrupted: str | None = None
+        self.fatal: SyncError | None = None
+        self._stop = asyncio.Event()
+        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max(2 * workers, 16))
+        self._seen: set[str] = set()
+        self._workers: dict[int, asyncio.Task[None]] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._complete = False
+
+    # -- control -----------------------------------------------------------
+
+    def resize(self, workers: int) -> None:
+        """Grow or shrink the worker pool live; a shrinking worker ends after its item."""
+        self.target_workers = workers
+        if self._tg is not None:
+            for i in range(workers):
+                if i not in self._workers or self._workers[i].done():
+                    self._workers[i] = self._tg.create_task(self._worker(i), name=f"worker-{i}")
+        self.metrics.workers.set(workers)
+
+    def _halt(self, reason: str | None = None, fatal: SyncError | None = None) -> None:
+        if fatal is not None and self.fatal is None:
+            self.fatal = fatal
+        if reason is not None and self.interrupted is None and self.fatal is None:
+            self.interrupted = reason
+        self._stop.set()
+
+    # -- the pass ----------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        """Run to completion (or stop) and return the pass report."""
+        t0 = time.monotonic()
+        requests_before = self.client.requests_sent
+        self.metrics.pass_in_progress.set(1)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self.resize(self.target_workers)
+                watcher = tg.create_task(self._watch_external_stop(), name="stop-watch")
+                saver = tg.create_task(self._saver(), name="state-saver")
+                producer = tg.create_task(self._produce(), name="pager")
+                await producer
+                await self._drain()
+                for task in (watcher, saver, *self._workers.values()):
+                    task.cancel()
+        finally:
+            self._tg = None
+            self.metrics.pass_in_progress.set(0)
+            self.metrics.queue_depth.set(0)
+        self.stats.api_requests = self.client.requests_sent - requests_before
+        if self._complete and self.fatal is None and self.interrupted is None:
+            self._forget_unlisted()
+        report = self._report()
+        self.state.last_pass = report
+        await self.state.save()
+        self.metrics.set_item_counts(self.state.counts())
+        self.metrics.pass_duration.observe(time.monotonic() - t0)
+        self.metrics.passes.labels(report["status"]).inc()
+        if report["status"] in ("success", "partial"):
+            self.metrics.last_pass_success.set(time.time())
+            self.metrics.last_pass_images.set(self.stats.images_downloaded)
+        return report
+
+    async def _watch_external_stop(self) -> None:
+        await self.external_stop.wait()
+        self._halt("signal")
+
+    async def _saver(self) -> None:
+        while True:
+            await asyncio.sleep(SAVE_EVERY_SECONDS)
+            if self.state.dirty:
+                await self.state.save()
+            self.metrics.set_item_counts(self.state.counts())
+
+    async def _drain(self) -> None:
+        """Wait for queued and in-flight work; on a stop, give in-flight a deadline."""
+        join = asyncio.ensure_future(self._queue.join())
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({join, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not join.done():
+                # Stopping: workers drop queued jobs and finish the one in hand.
+                done, _ = await asyncio.wait({join}, timeout=self.shutdown_timeout)
+                if not done:
+                    busy = sum(1 for t in self._workers.values() if not t.done())
+                    log.warning(
+                        "drain deadline passed; cancelling in-flight downloads",
+                        in_flight=self.progress.in_flight,
+                        workers=busy,
+                    )
+        finally:
+            join.cancel()
+            stop.cancel()
+
+    async def _produce(self) -> None:
+        try:
+            async for page, items in self.pages():
+                for item in items:
+                    if self._stop.is_set():
+                        return
+                    await self._plan(item)
+                self.progress.pages_done = page
+                self.metrics.pass_progress.set(self.progress.items_seen)
+            self._complete = not self._stop.is_set()
+            self.progress.catalogue_done = True
+        except BudgetExhausted as exc:
+            log.warning("daily request budget spent; stopping the pass", error=str(exc))
+            self._halt("daily_budget")
+        except (FatalPassError, ConfigError, TokenUnavailable) as exc:
+            log.error("catalogue paging failed; the pass cannot complete", error=str(exc))
+            self._halt(fatal=exc)
+
+    async def _put(self, job: Job) -> None:
+        self.progress.queued += 1
+        if job.previous is None or job.previous.get("status") != "downloaded":
+            self.state.put(
+                job.item.item_id, **image_fields(job.item, job.identity, job.url), status="pending"
+            )
+        put = asyncio.ensure_future(self._queue.put(job))
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({put, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not put.done():
+                put.cancel()
+        self.metrics.queue_depth.set(self._queue.qsize())
+
+    def _error(self, item_id: str, reason: str, detail: str) -> None:
+        self.stats.errors += 1
+        self.stats.errors_list.append({"zoho_item_id": item_id, "reason": reason, "detail": detail})
+
+    async def _plan(self, item: CatalogueItem) -> None:
+        """Decide what one catalogue item needs: nothing, a removal, or a download."""
+        item_id = item.item_id
+        self.progress.items_seen += 1
+        if item_id in self._seen:
+            log.warning("item listed twice in one pass; ignored", item_id=item_id[:80])
+            return
+        self._seen.add(item_id)
+        self.stats.total += 1
+        if not valid_item_id(item_id):
+            shown = item_id[:80].encode("unicode_escape").decode()
+            self._error(shown, "bad_item_id", "id must match ^[A-Za-z0-9_-]{1,64}$")
+            self.metrics.image_failures.labels("bad_item_id").inc()
+            return
+        previous = self.state.get(item_id)
+        prev = dict(previous) if previous is not None else None
+        url = self.url_map.get(item_id) or item.image_url
+        if item_id in self.url_map:
+            item = _with_map(item)
+        if not url and item.has_zoho_image:
+            url = self.client.image_url(item_id)
+        if not url:
+            await self._no_image(item, prev)
+            return
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+            self._error(item_id, "bad_url", f"only http and https URLs are fetched: {url[:200]}")
+            self.metrics.image_failures.labels("bad_url").inc()
+            self.state.put(
+                item_id,
+                **image_fields(item, "", url),
+                status="failed",
+                reason="bad_url",
+                detail=url[:200],
+            )
+            return
+        identity = (
+            f"doc:{item.image_document_id}"
+            if item.image_document_id and not item.from_url_map and not item.image_url
+            else f"url:{url}"
+        )
+        if (
+            prev is not None
+            and prev.get("status") == "downloaded"
+            and prev.get("identity") == identity
+        ):
+            if _stat_matches(prev):
+                self.stats.unchanged += 1
+                self._refresh_facts(item, prev, identity, url)
+                return
+            if prev.get("path") and os.path.exists(prev["path"]):
+                await self._put(Job(item, url, identity, prev, verify_only=True))
+                return
+        await self._put(Job(item, url, identity, prev))
+
+    def _refresh_facts(
+        self, item: CatalogueItem, prev: dict[str, Any], identity: str, url: str
+    ) -> None:
+        facts = image_fields(item, identity, url)
+        if any(prev.get(k) != v for k, v in facts.items()):
+            self.state.put(item.item_id, **facts)
+
+    async def _no_image(self, item: CatalogueItem, prev: dict[str, Any] | None) -> None:
+        self.stats.no_image += 1
+        if prev is not None and prev.get("path"):
+            removed = await asyncio.to_thread(_remove_item_files, self.images_dir, item.item_id)
+            if removed:
+                self.stats.removed += 1
+                log.info("image gone from Zoho; local file removed", item_id=item.item_id)
+        if prev is None or prev.get("status") != "no_image" or prev.get("path"):
+            self.state.put(
+                item.item_id,
+                **image_fields(item, "", ""),
+                status="no_image",
+                path=None,
+                sha256=None,
+                bytes=None,
+                ext=None,
+                reason=None,
+                detail=None,
+            )
+        else:
+            self._refresh_facts(item, prev, "", "")
+
+    async def _worker(self, index: int) -> None:
+        while index < self.target_workers:
+            job = await self._queue.get()
+            self.metrics.queue_depth.set(self._queue.qsize())
+            try:
+                if self._stop.is_set():
+                    continue
+                self.progress.in_flight += 1
+                try:
+                    outcome = await run_job(job, self.client, self.images_dir, self.metrics)
+                finally:
+                    self.progress.in_flight -= 1
+                self._record(job, outcome)
+            except BudgetExhausted:
+                log.warning("daily request budget spent; stopping the pass")
+                self._halt("daily_budget")
+            except (FatalPassError, ConfigError, TokenUnavailable) as exc:
+                log.error("the pass cannot complete", error=str(exc), item_id=job.item.item_id)
+                self._halt(fatal=exc)
+            finally:
+                self._queue.task_done()
+
+    def _record(self, job: Job, outcome: Outcome) -> None:
+        item_id = job.item.item_id
+        self.progress.images_done += 1
+        if outcome.kind == "error":
+            assert outcome.reason is not None
+            self._error(item_id, outcome.reason, outcome.detail or "")
+            self.state.put(
+                item_id,
+                **outcome.fields,
+                status="failed",
+                reason=outcome.reason,
+                detail=outcome.detail,
+            )
+            return
+        self.state.put(item_id, **outcome.fields)
+        if outcome.kind == "unchanged":
+            self.stats.unchanged += 1
+            return
+        if outcome.kind == "new":
+            self.stats.new += 1
+        else:
+            self.stats.updated += 1
+        self.stats.images_downloaded += 1
+        self.stats.bytes_downloaded += outcome.bytes
+
+    def _forget_unlisted(self) -> None:
+        """After a complete pass, items Zoho no longer lists lose their local image."""
+        gone = [i for i in self.state.items if i not in self._seen]
+        if not gone:
+            return
+        if not self._seen:
+            log.error("the catalogue came back empty; not deleting", held=len(gone))
+            return
+        for item_id in gone:
+            if _remove_item_files(self.images_dir, item_id):
+                self.stats.removed += 1
+            self.state.drop(item_id)
+        log.info("items no longer in the catalogue forgotten", count=len(gone))
+
+    def _report(self) -> dict[str, Any]:
+        if self.fatal is not None:
+            status = "failed"
+        elif self.interrupted is not None:
+            status = "interrupted"
+        elif self.stats.errors:
+            status = "partial"
+        else:
+            status = "success"
+        report: dict[str, Any] = {"status": status, "statistics": self.stats.as_dict()}
+        if status == "interrupted":
+            report["reason"] = self.interrupted
+        if self.fatal is not None:
+            report["reason"] = str(self.fatal)
+        report["errors"] = self.stats.errors_list
+        report["finished_at"] = round(time.time(), 3)
+        report["duration_seconds"] = round(time.time() - self.progress.started_at, 3)
+        return report
+
+
+def _with_map(item: CatalogueItem) -> CatalogueItem:
+    return CatalogueItem(
+        item_id=item.item_id,
+        name=item.name,
+        sku=item.sku,
+        image_name=item.image_name,
+        image_type=item.image_type,
+        image_document_id=item.image_document_id,
+        image_url=item.image_url,
+        from_url_map=True,
+    )
+
+
+def _stat_matches(prev: dict[str, Any]) -> bool:
+    try:
+        st = os.stat(prev["path"])
+    except (OSError, KeyError, TypeError):
+        return False
+    return bool(st.st_size == prev.get("bytes") and st.st_mtime_ns == prev.get("mtime_ns"))
+
+
+def _remove_item_files(images_dir: Path, item_id: str) -> bool:
+    removed = False
+    for ext in EXTENSIONS:
+        with contextlib.suppress(FileNotFoundError):
+            image_path(images_dir, item_id, ext).unlink()
+            removed = True
+    return removed

@@ -1,0 +1,365 @@
+"""The HTTP client: the only module that turns aiohttp's exceptions into our error tree.
+
+Every Zoho API request passes the ``ApiGate`` (budget, concurrency, rolling window),
+carries the token from ``TokenManager``, answers a 401 with one refresh and one retry,
+a 429 with a wait (``Retry-After`` or the rate-limit headers, else a sane back-off),
+and transient failures with exponential back-off and jitter up to ``max_attempts``.
+Non-Zoho image URLs get no token and their own per-host limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+import structlog
+
+from .auth import TokenManager
+from .config import Config
+from .errors import (
+    BudgetExhausted,
+    FatalPassError,
+    ItemError,
+    RetryLater,
+    ScopeError,
+    TransientError,
+)
+from .limits import ApiGate, HostGate
+from .metrics import Metrics
+from .storage import MAGIC_PREFIX_BYTES, ImageSink, sniff_image
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+CHUNK: Final = 64 * 1024
+MAX_REDIRECTS: Final = 5
+NOT_AN_IMAGE_TYPES: Final = ("application/json", "text/html", "text/plain", "text/xml")
+MAX_429_RETRIES: Final = 20
+
+
+@dataclass
+class ImageResult:
+    """What a successful image fetch wrote into its sink."""
+
+    ext: str
+    content_type: str
+
+
+def books_base(api_base: str) -> str:
+    """The Books v3 base beside an Inventory v1 base."""
+    if api_base.endswith("/inventory/v1"):
+        return api_base[: -len("/inventory/v1")] + "/books/v3"
+    return api_base.rsplit("/", 2)[0] + "/books/v3"
+
+
+class ZohoClient:
+    """Zoho Inventory over aiohttp, within Zoho's limits."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        config: Config,
+        tokens: TokenManager,
+        gate: ApiGate,
+        hosts: HostGate,
+        metrics: Metrics,
+    ) -> None:
+        self.session = session
+        self.config = config
+        self.tokens = tokens
+        self.gate = gate
+        self.hosts = hosts
+        self.metrics = metrics
+        self.requests_sent = 0
+        self.external_sent = 0
+        self._refused: dict[str, str] = {}
+
+    # -- URLs ----------------------------------------------------------------
+
+    @property
+    def api_base(self) -> str:
+        """Inventory base URL (override, else the token's api_domain, else the DC)."""
+        return self.config.zoho.api_base(self.tokens.api_domain)
+
+    def image_url(self, item_id: str) -> str:
+        """The Zoho image endpoint of an item, Inventory or Books per the config."""
+        base = self.api_base
+        if self.config.zoho.image_endpoint == "books":
+            base = books_base(base)
+        return f"{base}/items/{item_id}/image"
+
+    def is_zoho_url(self, url: str) -> bool:
+        """True when ``url`` is on the Zoho API host (so it takes the token and the gate)."""
+        return urlsplit(url).netloc.lower() == urlsplit(self.api_base).netloc.lower()
+
+    def _timeout(self) -> aiohttp.ClientTimeout:
+        t = self.config.download.timeout_seconds
+        return aiohttp.ClientTimeout(total=t, connect=t, sock_read=t)
+
+    # -- Zoho API ------------------------------------------------------------
+
+    async def items_page(
+        self, page: int, per_page: int = 200, extra: dict[str, str] | None = None
+    ) -> tuple[list[Any], bool]:
+        """One page of the item list: (items, has_more_page)."""
+        params = {"page": str(page), "per_page": str(per_page), **(extra or {})}
+
+        async def handle(resp: aiohttp.ClientResponse) -> tuple[list[Any], bool]:
+            try:
+                body = await resp.json(content_type=None)
+            except (json.JSONDecodeError, UnicodeDecodeError, aiohttp.ContentTypeError):
+                raise TransientError(f"items page {page}: HTTP {resp.status}, not JSON") from None
+            if resp.status != 200 or not isinstance(body, dict) or body.get("code") != 0:
+                code = body.get("code") if isinstance(body, dict) else None
+                msg = body.get("message") if isinstance(body, dict) else None
+                raise FatalPassError(f"items page {page}: HTTP {resp.status}, code {code}: {msg}")
+            items = body.get("items")
+            ctx = body.get("page_context")
+            if not isinstance(items, list) or not isinstance(ctx, dict):
+                raise TransientError(f"items page {page}: no items/page_context in the body")
+            return items, bool(ctx.get("has_more_page"))
+
+        try:
+            return await self._zoho_request("items", f"{self.api_base}/items", params, handle)
+        except ItemError as exc:
+            raise FatalPassError(f"items page {page}: {exc.detail}") from None
+
+    async def fetch_image(self, url: str, sink: ImageSink, item_id: str) -> ImageResult:
+        """Stream an image into ``sink``; Zoho URLs with the token, others without."""
+        if self.is_zoho_url(url):
+            return await self._zoho_request(
+                "image", url, {}, lambda resp: self._read_image(resp, sink, item_id), sink
+            )
+        return await self._external_image(url, sink, item_id)
+
+    async def _zoho_request(
+        self,
+        endpoint: str,
+        url: str,
+        params: dict[str, str],
+        handle: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+        sink: ImageSink | None = None,
+    ) -> T:
+        params = {**params}
+        if "organization_id" not in params and "organization_id=" not in url:
+            params["organization_id"] = self.config.zoho.organization_id
+        attempts = 0
+        throttled = 0
+        refreshed = False
+        max_attempts = self.config.download.max_attempts
+        delay = 0.5
+        while True:
+            token = await self.tokens.token()
+            headers = {"Authorization": f"Zoho-oauthtoken {token}"}
+            try:
+                async with self.gate.request():
+                    self.requests_sent += 1
+                    async with self.session.get(
+                        url,
+                        params=params,
+                        headers=headers,
+                        timeout=self._timeout(),
+                        allow_redirects=False,
+                    ) as resp:
+                        self.metrics.api_requests.labels(endpoint, str(resp.status)).inc()
+                        if resp.status == 401:
+                            detail = await _error_text(resp)
+                            if refreshed or self._refused.get(endpoint) == token:
+                                # A freshly minted token refused too: scope, not expiry.
+                                self._refused[endpoint] = token
+                                msg = (
+                                    f"Zoho refuses a freshly minted token on {endpoint} "
+                                    f"({detail}): grant the scope ZohoInventory.items.READ"
+                                )
+                                if endpoint == "image":
+                                    if self.config.zoho.image_endpoint == "inventory":
+                                        msg += " or set zoho.image_endpoint = 'books'"
+                                    raise ItemError("forbidden", msg)
+                                raise ScopeError(msg)
+                            refreshed = True
+                            await self.tokens.refresh(stale=token)
+                            continue
+                        if resp.status == 429:
+                            await self._on_429(resp, endpoint)
+                        if resp.status >= 500:
+                            raise TransientError(f"HTTP {resp.status} from {endpoint}")
+                        return await handle(resp)
+            except RetryLater as exc:
+                throttled += 1
+                if throttled > MAX_429_RETRIES:
+                    raise ItemError("retries_exhausted", f"still rate-limited: {exc}") from None
+                self.metrics.retries.labels(f"rate_limited_{exc.code}").inc()
+                await asyncio.sleep(exc.after)
+                continue
+            except (BudgetExhausted, ItemError, FatalPassError):
+                raise
+            except (TransientError, aiohttp.ClientError, TimeoutError) as exc:
+                reason = _transient_reason(exc)
+                detail = str(exc) if isinstance(exc, TransientError) else reason
+                attempts += 1
+                if sink is not None:
+                    await sink.discard()
+                    sink.reset()
+                if attempts >= max_attempts:
+                    raise ItemError(
+                        "retries_exhausted", f"{attempts} attempts, last: {detail}"
+                    ) from None
+                self.metrics.retries.labels(reason).inc()
+                log.debug("retrying", endpoint=endpoint, attempt=attempts, error=detail)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 30.0)
+
+    async def _on_429(self, resp: aiohttp.ClientResponse, endpoint: str) -> None:
+        self.metrics.rate_limited.labels(endpoint).inc()
+        body = await _json_or_none(resp)
+        code = body.get("code") if isinstance(body, dict) else None
+        if code == 45:
+            resume = self.gate.budget.exhaust()
+            raise BudgetExhausted("Zoho says the daily API budget is spent (code 45)", resume)
+        after = _retry_after(resp)
+        if after is None:
+            after = 5.0 if code == 1070 else 15.0
+        if code != 1070:
+            # A per-minute 429 means our window is out of step with Zoho's: pause it all.
+            self.gate.window.block_for(after)
+        log.warning("rate limited by Zoho", endpoint=endpoint, code=code, retry_after=after)
+        raise RetryLater(f"HTTP 429 code {code}", after=after, code=code)
+
+    # -- images --------------------------------------------------------------
+
+    async def _read_image(
+        self, resp: aiohttp.ClientResponse, sink: ImageSink, item_id: str
+    ) -> ImageResult:
+        status = resp.status
+        if status in (404, 400, 410):
+            detail = await _error_text(resp)
+            raise ItemError("image_not_found", f"HTTP {status}: {detail}")
+        if status == 403:
+            raise ItemError("forbidden", f"HTTP 403: {await _error_text(resp)}")
+        if 300 <= status < 400:
+            raise ItemError("bad_url", f"unexpected redirect (HTTP {status}) from Zoho")
+        if status != 200:
+            raise TransientError(f"HTTP {status} for image")
+        return await self._stream_body(resp, sink)
+
+    async def _stream_body(self, resp: aiohttp.ClientResponse, sink: ImageSink) -> ImageResult:
+        ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        limit = self.config.download.max_image_bytes
+        if ctype in NOT_AN_IMAGE_TYPES:
+            text = (await resp.content.read(4096)).decode("utf-8", "replace")
+            if "attachment not found" in text.lower():
+                raise ItemError("image_not_found", f"HTTP 200 with {ctype}: {text[:200]}")
+            raise ItemError("not_an_image", f"HTTP 200 with {ctype} body: {text[:120]!r}")
+        if resp.content_length is not None and resp.content_length > limit:
+            raise ItemError(
+                "too_large", f"Content-Length {resp.content_length} > max_image_bytes {limit}"
+            )
+        checked = False
+        async for chunk in resp.content.iter_chunked(CHUNK):
+            if sink.size + len(chunk) > limit:
+                raise ItemError("too_large", f"body exceeds max_image_bytes {limit}")
+            await sink.write(chunk)
+            if not checked and sink.size >= MAGIC_PREFIX_BYTES:
+                checked = True
+                if sniff_image(sink.head) is None:
+                    raise ItemError("not_an_image", f"magic bytes {sink.head[:8].hex()}")
+        if sink.size == 0:
+            raise ItemError("empty_body", "HTTP 200 with an empty body")
+        ext = sniff_image(sink.head)
+        if ext is None:
+            raise ItemError("not_an_image", f"magic bytes {sink.head[:8].hex()}")
+        return ImageResult(ext=ext, content_type=ctype)
+
+    async def _external_image(self, url: str, sink: ImageSink, item_id: str) -> ImageResult:
+        attempts = 0
+        delay = 0.5
+        max_attempts = self.config.download.max_attempts
+        while True:
+            try:
+                return await self._external_once(url, sink)
+            except (TransientError, aiohttp.ClientError, TimeoutError) as exc:
+                attempts += 1
+                await sink.discard()
+                sink.reset()
+                detail = str(exc) if isinstance(exc, TransientError) else _transient_reason(exc)
+                if attempts >= max_attempts:
+                    raise ItemError(
+                        "retries_exhausted", f"{attempts} attempts, last: {detail}"
+                    ) from None
+                self.metrics.retries.labels(_transient_reason(exc)).inc()
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 30.0)
+
+    async def _external_once(self, url: str, sink: ImageSink) -> ImageResult:
+        current = url
+        for _ in range(MAX_REDIRECTS + 1):
+            if urlsplit(current).scheme not in ("http", "https"):
+                raise ItemError("bad_url", f"only http and https are fetched: {current[:200]}")
+            async with self.hosts.request(current):
+                self.external_sent += 1
+                async with self.session.get(
+                    current, timeout=self._timeout(), allow_redirects=False
+                ) as resp:
+                    self.metrics.external_requests.labels(str(resp.status)).inc()
+                    if resp.status in (301, 302, 303, 307, 308):
+                        location = resp.headers.get("Location")
+                        if not location:
+                            raise ItemError("bad_url", f"HTTP {resp.status} without Location")
+                        current = urljoin(current, location)
+                        continue
+                    if resp.status == 429:
+                        after = _retry_after(resp) or 5.0
+                        raise RetryLater(f"HTTP 429 from {urlsplit(current).netloc}", after)
+                    if resp.status in (404, 410):
+                        raise ItemError("image_not_found", f"HTTP {resp.status} from {current}")
+                    if resp.status in (401, 403):
+                        raise ItemError("forbidden", f"HTTP {resp.status} from {current}")
+                    if resp.status >= 500 or resp.status != 200:
+                        raise TransientError(f"HTTP {resp.status} from {current}")
+                    return await self._stream_body(resp, sink)
+        raise ItemError("bad_url", f"more than {MAX_REDIRECTS} redirects from {url[:200]}")
+
+
+def _transient_reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "truncated_body"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return "connection_reset"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect_failed"
+    if isinstance(exc, TransientError) and "HTTP 5" in str(exc):
+        return "server_error"
+    return "transient"
+
+
+def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
+    for header in ("Retry-After", "X-Rate-Limit-Reset"):
+        value = resp.headers.get(header)
+        if value:
+            try:
+                return min(max(float(value), 0.0), 3600.0)
+            except ValueError:
+                continue
+    return None
+
+
+async def _json_or_none(resp: aiohttp.ClientResponse) -> Any:
+    try:
+        return json.loads(await resp.content.read(65536))
+    except (ValueError, aiohttp.ClientError):
+        return None
+
+
+async def _error_text(resp: aiohttp.ClientResponse) -> str:
+    body = await _json_or_none(resp)
+    if isinstance(body, dict):
+        return f"code {body.get('code')}: {body.get('message')}"
+    return f"HTTP {resp.status}"
