@@ -1,0 +1,93 @@
+"""The rolling window never admits more than the limit in any window span."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from aiolimiter import AsyncLimiter
+
+from zoho_image_sync.errors import BudgetExhausted
+from zoho_image_sync.limits import DailyBudget, RollingWindow, Slots, next_utc_midnight
+
+
+def max_in_any_window(times: list[float], window: float) -> int:
+    times = sorted(times)
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] <= t - window:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+async def test_rolling_window_is_exact_where_a_token_bucket_is_not() -> None:
+    limit, window = 10, 0.4
+    # A plain bucket of `limit` per window lets ~2x through in one window span.
+    bucket = AsyncLimiter(limit, window)
+    sent: list[float] = []
+    for _ in range(2 * limit):
+        await bucket.acquire()
+        sent.append(time.monotonic())
+    assert max_in_any_window(sent, window) > limit
+
+    rw = RollingWindow(limit, window=window, margin=0.0)
+    sent = []
+    for _ in range(3 * limit):
+        await rw.acquire()
+        sent.append(time.monotonic())
+    assert max_in_any_window(sent, window) <= limit
+    # ... and it does not leave the limit unused: 3 windows' worth in about 2 windows.
+    assert sent[-1] - sent[0] < 2 * window + 0.3
+
+
+async def test_block_for_pauses_everyone() -> None:
+    rw = RollingWindow(100, window=60)
+    rw.block_for(0.2)
+    t0 = time.monotonic()
+    await rw.acquire()
+    assert time.monotonic() - t0 >= 0.19
+
+
+async def test_slots_resize_live() -> None:
+    slots = Slots(1)
+    entered = asyncio.Event()
+    release = asyncio.Event()
+    all_in = asyncio.Event()
+    inside = 0
+
+    async def holder() -> None:
+        nonlocal inside
+        async with slots.hold():
+            inside += 1
+            entered.set()
+            if inside == 3:
+                all_in.set()
+            await release.wait()
+
+    tasks = [asyncio.create_task(holder()) for _ in range(3)]
+    await entered.wait()
+    assert slots.in_use == 1
+    await slots.set_limit(3)
+    async with asyncio.timeout(2):
+        await all_in.wait()
+    assert slots.in_use == 3
+    release.set()
+    await asyncio.gather(*tasks)
+    assert inside == 3 and slots.in_use == 0
+
+
+def test_daily_budget_rolls_over_at_utc_midnight() -> None:
+    now = [1_700_000_000.0]
+    b = DailyBudget(2, wall=lambda: now[0])
+    b.take()
+    b.take()
+    assert b.remaining == 0
+    with pytest.raises(BudgetExhausted) as info:
+        b.take()
+    assert info.value.resume_at == next_utc_midnight(now[0])
+    now[0] = next_utc_midnight(now[0]) + 1
+    assert b.remaining == 2
+    b.exhaust()
+    assert b.remaining == 0
