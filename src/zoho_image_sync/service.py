@@ -7,6 +7,8 @@ loops act on it. Tests call those methods directly instead of sending signals.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import fcntl
 import os
 import time
@@ -15,9 +17,11 @@ from typing import Any
 
 import aiohttp
 import structlog
+from aiohttp import web
 
-from .auth import TokenManager
+from .auth import REFRESH_AHEAD_SECONDS, TokenManager
 from .config import Config
+from .config import load as load_config
 from .errors import (
     EX_CONFIG,
     EX_FAILED,
@@ -27,9 +31,12 @@ from .errors import (
     ScopeError,
     SyncError,
 )
-from .limits import ApiGate, DailyBudget, HostGate
+from .http import build_app
+from .limits import ApiGate, DailyBudget, HostGate, next_utc_midnight
 from .logsetup import Redactor
+from .logsetup import configure as configure_logging
 from .metrics import Metrics
+from .notify import Notifier
 from .pager import load_url_map, zoho_pages
 from .state import State
 from .storage import sweep_temporaries
@@ -94,6 +101,13 @@ class Service:
         self.client: ZohoClient | None = None
         self.gate: ApiGate | None = None
         self.url_map: dict[str, str] = {}
+        self.pass_failed: str | None = None
+        self.budget_resume_at: float | None = None
+        self.reload_ok = True
+        self.config_path = config.path
+        self.notifier = Notifier()
+        self._wake = asyncio.Event()
+        self._hup = asyncio.Event()
 
     # -- intents -----------------------------------------------------------
 
@@ -102,6 +116,47 @@ class Service:
         if not self.stop_event.is_set():
             log.info("stop requested: finishing in-flight downloads")
         self.stop_event.set()
+        self._wake.set()
+
+    def handle_hup(self) -> None:
+        """Record a reload request; the reload task acts on it."""
+        self._hup.set()
+
+    # -- views (HTTP, notify) ------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why) for /readyz."""
+        if self.tokens is None or not self.tokens.held:
+            why = self.tokens.last_error if self.tokens and self.tokens.last_error else None
+            return False, why or "no access token held yet"
+        if self.pass_failed:
+            return False, f"the last pass failed: {self.pass_failed}"
+        return True, "ok"
+
+    def refresh_gauges(self) -> None:
+        """Bring scrape-time gauges up to date."""
+        if self.gate is not None:
+            self.metrics.daily_budget_remaining.set(self.gate.budget.remaining)
+        if self.state is not None:
+            self.metrics.set_item_counts(self.state.counts())
+        self.metrics.ready.set(1 if self.readiness()[0] else 0)
+
+    def state_view(self) -> dict[str, Any]:
+        """The /state document; the token itself never appears."""
+        p = self.current_pass
+        return {
+            "items": self.state.counts() if self.state else None,
+            "pass": p.progress.as_dict() if p is not None else None,
+            "last_report": self.last_report,
+            "daily_budget_remaining": self.gate.budget.remaining if self.gate else None,
+            "budget_resumes_at": self.budget_resume_at,
+            "token_expires_at": round(self.tokens.expires_at, 3)
+            if self.tokens and self.tokens.held
+            else None,
+            "token_error": self.tokens.last_error if self.tokens else None,
+            "workers": self.config.download.workers,
+            "config_last_reload_successful": self.reload_ok,
+        }
 
     # -- phases ------------------------------------------------------------
 
@@ -221,3 +276,191 @@ def failed_report(reason: str) -> dict[str, Any]:
     """The report of a pass that could not start."""
     stats = {k: 0 for k in STAT_KEYS}
     return {"status": "failed", "reason": reason, "statistics": stats, "errors": []}
+
+
+class Daemon(Service):
+    """``run``: passes on an interval, endpoints, reload on SIGHUP, drain on SIGTERM."""
+
+    async def serve(self) -> int:
+        """The daemon's whole life; returns the exit code."""
+        try:
+            await self.startup()
+        except ConfigError as exc:
+            log.error("configuration unusable", key=exc.key, error=exc.why)
+            await self.shutdown()
+            return EX_CONFIG
+        runner = web.AppRunner(build_app(self), access_log=None)
+        await runner.setup()
+        host, port = self.config.http.host_port()
+        try:
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+        except OSError as exc:
+            log.error(
+                "cannot listen",
+                key="http.listen",
+                listen=self.config.http.listen,
+                error=exc.strerror,
+            )
+            await runner.cleanup()
+            await self.shutdown()
+            return EX_CONFIG
+        log.info("serving", listen=self.config.http.listen, pid=os.getpid())
+        self.notifier.ready("started")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                main = tg.create_task(self.main_loop(), name="main-loop")
+                helpers = [
+                    tg.create_task(self._reload_loop(), name="reload"),
+                    tg.create_task(self._token_loop(), name="token-refresh"),
+                    tg.create_task(self._watchdog_loop(main), name="watchdog"),
+                ]
+                await main
+                for t in helpers:
+                    t.cancel()
+        finally:
+            self.notifier.stopping()
+            await runner.cleanup()
+            await self.shutdown()
+        log.info("stopped")
+        return EX_OK
+
+    async def main_loop(self) -> None:
+        """A pass at once, then every interval; failures back off, never crash-loop."""
+        failures = 0
+        while not self.stop_event.is_set():
+            report = await self.run_pass()
+            status = report["status"]
+            wait = self.config.sync.interval_seconds
+            if status in ("success", "partial"):
+                failures = 0
+                self.pass_failed = None
+            elif status == "failed":
+                failures += 1
+                self.pass_failed = str(report.get("reason"))
+                if report.get("exit_code") != EX_CONFIG:
+                    wait = min(wait, 30.0 * 2 ** min(failures - 1, 6))
+                log.error("pass failed", reason=self.pass_failed, retry_in=round(wait))
+            elif report.get("reason") == "daily_budget" and self.gate is not None:
+                resume = self.gate.budget.exhausted_until or next_utc_midnight(time.time())
+                self.budget_resume_at = resume
+                wait = max(resume - time.time(), 1.0)
+                log.warning(
+                    "daily budget spent; sleeping until it resets", resume_in_seconds=round(wait)
+                )
+            self.notifier.status(_status_line(report))
+            log.info("pass finished", status=status, **report["statistics"])
+            await self._sleep(wait)
+            self.budget_resume_at = None
+
+    async def _sleep(self, seconds: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._hup.wait()
+            self._hup.clear()
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Re-read the config; apply it if valid, keep the old one otherwise."""
+        self.notifier.reloading()
+        try:
+            if self.config_path is None:
+                raise ConfigError("config", "no config file to reload")
+            new = load_config(self.config_path)
+            await self.apply(new)
+        except ConfigError as exc:
+            self.reload_ok = False
+            self.metrics.config_reload_ok.set(0)
+            log.error("reload refused; keeping the old config", key=exc.key, error=exc.why)
+            return False
+        finally:
+            self.notifier.ready()
+        self.reload_ok = True
+        self.metrics.config_reload_ok.set(1)
+        log.info(
+            "config reloaded",
+            workers=new.download.workers,
+            requests_per_minute=new.limits.requests_per_minute,
+        )
+        return True
+
+    async def apply(self, new: Config) -> None:
+        """Swap in a validated config: limits, workers, timeouts, log level, interval."""
+        old = self.config
+        for section, key in (
+            ("storage", "images_dir"),
+            ("storage", "state_file"),
+            ("http", "listen"),
+            ("source", "kind"),
+        ):
+            if getattr(getattr(old, section), key) != getattr(getattr(new, section), key):
+                log.warning(
+                    "this key needs a restart; the running value stays", key=f"{section}.{key}"
+                )
+        new = dataclasses.replace(
+            new,
+            storage=old.storage,
+            http=old.http,
+            source=dataclasses.replace(new.source, kind=old.source.kind),
+        )
+        self.redactor.add(*new.credentials.secrets())
+        configure_logging(new.log.level, new.log.format, self.redactor)
+        self.config = new
+        if self.client is not None:
+            self.client.config = new
+        if self.gate is not None:
+            await self.gate.reconfigure(
+                new.limits.requests_per_minute,
+                new.limits.max_concurrent_requests,
+                new.limits.daily_request_budget,
+            )
+        if self.client is not None:
+            self.client.hosts.reconfigure(
+                new.limits.per_host_requests_per_second, new.limits.per_host_concurrency
+            )
+        if self.current_pass is not None:
+            self.current_pass.resize(new.download.workers)
+            self.current_pass.shutdown_timeout = new.sync.shutdown_timeout_seconds
+        self.metrics.workers.set(new.download.workers)
+        if self.current_pass is None:
+            self._wake.set()
+
+    async def _token_loop(self) -> None:
+        """Keep the token fresh between passes, without hammering a refusing endpoint."""
+        assert self.tokens is not None
+        while True:
+            tokens = self.tokens
+            ahead = tokens.expires_at - REFRESH_AHEAD_SECONDS - time.time()
+            await asyncio.sleep(min(max(ahead, 5.0), 60.0))
+            if tokens.expires_at - time.time() < REFRESH_AHEAD_SECONDS:
+                try:
+                    await tokens.token()
+                except SyncError as exc:
+                    log.warning("background token refresh failed", error=str(exc))
+
+    async def _watchdog_loop(self, main: asyncio.Task[None]) -> None:
+        period = self.notifier.watchdog_seconds
+        while True:
+            await asyncio.sleep(period / 2 if period else 5.0)
+            if period and not main.done():
+                self.notifier.watchdog()
+            p = self.current_pass
+            if p is not None:
+                d = p.progress.as_dict()
+                self.notifier.status(
+                    f"pass: {d['images_done']}/{d['images_queued']} images, "
+                    f"{d['items_seen']} items seen, {d['images_per_second']}/s"
+                )
+
+
+def _status_line(report: dict[str, Any]) -> str:
+    st = report["statistics"]
+    return (
+        f"last pass {report['status']}: {st['images_downloaded']} downloaded, "
+        f"{st['unchanged']} unchanged, {st['errors']} errors"
+    )

@@ -111,9 +111,7 @@ class Catalogue:
         if item_id is None:
             item_id = f"{ITEM_ID_PREFIX}{index:06d}"
         rng = random.Random(f"item:{self._seed}:{index}")
-        name = " ".join(
-            (rng.choice(_ADJECTIVES), rng.choice(_MATERIALS), rng.choice(_NOUNS))
-        )
+        name = " ".join((rng.choice(_ADJECTIVES), rng.choice(_MATERIALS), rng.choice(_NOUNS)))
         sku = f"Z{index + 1:04d}"
         fields: dict[str, Any] = {
             "item_id": item_id,
@@ -180,6 +178,10 @@ class Catalogue:
     def has_item(self, item_id: str) -> bool:
         """Whether the id names a catalogue item."""
         return item_id in self._entries
+
+    def field(self, item_id: str, key: str) -> Any:
+        """One served field of an item (None when absent)."""
+        return self._entry(item_id).fields.get(key)
 
     def image(self, item_id: str) -> tuple[bytes, str] | None:
         """The image bytes and Content-Type, or None when the item has none or is unknown."""
@@ -272,8 +274,7 @@ class Catalogue:
                 raise ValueError(f"item {new_id!r} already exists")
             entry.fields[key] = value
             self._entries = {
-                (new_id if old == item_id else old): other
-                for old, other in self._entries.items()
+                (new_id if old == item_id else old): other for old, other in self._entries.items()
             }
         else:
             entry.fields[key] = value

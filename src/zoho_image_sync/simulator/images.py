@@ -49,11 +49,7 @@ _JPEG_COM_MAX = 0xFFFF - 2  # a segment length counts its own two bytes
 # 1x1 GIF89a: header, screen descriptor, 2-colour table, then the image (GCE, descriptor,
 # LZW data, trailer). Comment extensions go between the colour table and the image.
 _GIF_HEAD = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00"
-_GIF_TAIL = (
-    b"!\xf9\x04\x01\x00\x00\x00\x00"
-    b",\x00\x00\x00\x00\x01\x00\x01\x00\x00"
-    b"\x02\x02D\x01\x00;"
-)
+_GIF_TAIL = b"!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
 
 # VP8L payload of a 16x16 lossless image (Pillow/libwebp), wrapped in the extended
 # (VP8X) layout because only that layout allows extra, unknown chunks.
@@ -139,7 +135,7 @@ def _png(size: int, rng: random.Random) -> bytes:
     height = max(1, (size - fixed) // (_PNG_ROW + 1))
     while True:
         raw = bytearray(rng.randbytes(height * _PNG_ROW))
-        raw[0 :: _PNG_ROW] = bytes(height)  # filter type 0 (None) on every row
+        raw[0::_PNG_ROW] = bytes(height)  # filter type 0 (None) on every row
         idat = zlib.compress(bytes(raw), 0)
         pad = size - fixed - len(idat)
         if pad >= 0 or height == 1:
