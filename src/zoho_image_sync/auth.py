@@ -67,6 +67,7 @@ class TokenManager:
         self._on_token = on_token or (lambda _t: None)
         self._token: Secret | None = None
         self.expires_at = 0.0
+        self.lifetime = 3600.0
         self.api_domain: str | None = None
         self.blocked_until = 0.0
         self.last_error: str | None = None
@@ -100,6 +101,7 @@ class TokenManager:
             self._on_token(token)
             self.expires_at = expires_at
             self.api_domain = doc.get("api_domain") or None
+            self.lifetime = float(doc.get("lifetime") or 3600.0)
             self._metrics.token_expiry.set(expires_at)
 
     def _save_cache(self) -> None:
@@ -108,12 +110,18 @@ class TokenManager:
             "access_token": self._token.reveal(),
             "expires_at": self.expires_at,
             "api_domain": self.api_domain,
+            "lifetime": self.lifetime,
             "key": self._cache_key(),
         }
         write_bytes_atomic(self._cache_path, json.dumps(doc).encode(), mode=0o600)
 
+    @property
+    def refresh_ahead(self) -> float:
+        """How long before expiry to refresh: 5 minutes, or a tenth of a short lifetime."""
+        return min(REFRESH_AHEAD_SECONDS, 0.1 * self.lifetime)
+
     def _fresh_enough(self) -> bool:
-        return self._token is not None and self._wall() < self.expires_at - REFRESH_AHEAD_SECONDS
+        return self._token is not None and self._wall() < self.expires_at - self.refresh_ahead
 
     async def token(self) -> str:
         """A valid access token, refreshed first when missing or close to expiry."""
@@ -226,6 +234,7 @@ class TokenManager:
         self._token = Secret(token)
         self._on_token(token)
         self.expires_at = self._wall() + seconds
+        self.lifetime = seconds
         domain = body.get("api_domain")
         self.api_domain = domain if isinstance(domain, str) and domain else None
         self.mints += 1

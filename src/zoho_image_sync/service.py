@@ -19,7 +19,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from .auth import REFRESH_AHEAD_SECONDS, TokenManager
+from .auth import TokenManager
 from .config import Config
 from .config import load as load_config
 from .errors import (
@@ -30,6 +30,7 @@ from .errors import (
     ConfigError,
     ScopeError,
     SyncError,
+    TokenUnavailable,
 )
 from .http import build_app
 from .limits import ApiGate, DailyBudget, HostGate, next_utc_midnight
@@ -86,8 +87,10 @@ class Service:
         config: Config,
         metrics: Metrics | None = None,
         redactor: Redactor | None = None,
+        window_seconds: float = 60.0,
     ) -> None:
         self.config = config
+        self.window_seconds = window_seconds
         self.metrics = metrics or Metrics()
         self.redactor = redactor or Redactor()
         self.redactor.add(*config.credentials.secrets())
@@ -181,13 +184,22 @@ class Service:
             day=str(budget_meta.get("day", "")),
         )
         self.gate = ApiGate(
-            cfg.limits.requests_per_minute, cfg.limits.max_concurrent_requests, budget
+            cfg.limits.requests_per_minute,
+            cfg.limits.max_concurrent_requests,
+            budget,
+            window=self.window_seconds,
+            # Half a second per minute of window: room for latency jitter, <1% of the rate.
+            margin=self.window_seconds / 120,
         )
         hosts = HostGate(cfg.limits.per_host_requests_per_second, cfg.limits.per_host_concurrency)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector, headers={"User-Agent": "zoho-image-sync"}
         )
+        # aiohttp silently resends an idempotent request once when a kept-alive connection
+        # drops. Zoho counts that arrival, our gate would not: every send must pass the gate.
+        if hasattr(self._session, "_retry_connection"):
+            self._session._retry_connection = False
         self.tokens = TokenManager(
             self._session,
             cfg.zoho,
@@ -433,15 +445,24 @@ class Daemon(Service):
     async def _token_loop(self) -> None:
         """Keep the token fresh between passes, without hammering a refusing endpoint."""
         assert self.tokens is not None
+        tokens = self.tokens
         while True:
-            tokens = self.tokens
-            ahead = tokens.expires_at - REFRESH_AHEAD_SECONDS - time.time()
-            await asyncio.sleep(min(max(ahead, 5.0), 60.0))
-            if tokens.expires_at - time.time() < REFRESH_AHEAD_SECONDS:
-                try:
-                    await tokens.token()
-                except SyncError as exc:
-                    log.warning("background token refresh failed", error=str(exc))
+            ahead = tokens.expires_at - tokens.refresh_ahead - time.time()
+            await asyncio.sleep(min(max(ahead, 1.0), 60.0))
+            if tokens.expires_at - time.time() >= tokens.refresh_ahead:
+                continue
+            try:
+                await tokens.token()
+            except ConfigError as exc:
+                log.error(
+                    "credentials refused; not asking again before the next interval",
+                    key=exc.key,
+                    error=exc.why,
+                )
+                await asyncio.sleep(self.config.sync.interval_seconds)
+            except TokenUnavailable as exc:
+                log.warning("background token refresh failed", error=str(exc))
+                await asyncio.sleep(exc.after)
 
     async def _watchdog_loop(self, main: asyncio.Task[None]) -> None:
         period = self.notifier.watchdog_seconds

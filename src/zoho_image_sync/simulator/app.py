@@ -13,11 +13,12 @@ from typing import Any
 from aiohttp import web
 
 from . import admin
-from .catalogue import FILTERS, SORT_COLUMNS, Catalogue, parse_time
+from .catalogue import Catalogue
 from .config import SimConfig
 from .faults import FaultBook, Injection, make_fault
 from .images import render
 from .limits import Limiter, Rejection, rejection
+from .listing import BadParam, items_page
 from .records import RequestRecord, max_in_window, summarise
 from .tokens import TokenAuthority
 
@@ -57,10 +58,6 @@ class _Call:
             bytes_sent=self.bytes_sent,
             fault=self.fault,
         )
-
-
-class _BadParam(Exception):
-    """A query parameter Zoho would refuse with code 2."""
 
 
 def _dumps(data: Any) -> bytes:
@@ -404,6 +401,8 @@ class Simulator:
                 return await self._reject(request, call, refused)
             self.limiter.enter()
             admitted = True
+            if config.latency > 0:
+                await asyncio.sleep(config.latency)
             error = self._authorise(request, endpoint)
             if error is not None:
                 status, data = error
@@ -508,8 +507,8 @@ class Simulator:
         headers = self._headers()
         if endpoint == "items":
             try:
-                data = self._items_page(request)
-            except _BadParam as exc:
+                data = items_page(self.catalogue, request.query, self._config.per_page_max)
+            except BadParam as exc:
                 error = {"code": 2, "message": f"Invalid value passed for {exc}"}
                 return await self._send_json(request, call, 400, error, headers)
             body, content_type = _dumps(data), JSON_TYPE
@@ -537,45 +536,6 @@ class Simulator:
         return await self._send(
             request, call, 200, body, content_type, zoho_code=zoho_code, headers=headers
         )
-
-    def _items_page(self, request: web.Request) -> dict[str, Any]:
-        query = request.query
-        page = _int_param(query.get("page", "1"), "page")
-        per_page = min(
-            _int_param(query.get("per_page", "200"), "per_page"), self._config.per_page_max
-        )
-        sort_column = query.get("sort_column", "name")
-        if sort_column not in SORT_COLUMNS:
-            raise _BadParam("sort_column")
-        sort_order = query.get("sort_order", "A")
-        if sort_order not in ("A", "D"):
-            raise _BadParam("sort_order")
-        filter_by = query.get("filter_by", "Status.All")
-        if filter_by not in FILTERS:
-            raise _BadParam("filter_by")
-        modified_after = None
-        if "last_modified_time" in query:
-            try:
-                modified_after = parse_time(query["last_modified_time"])
-            except ValueError:
-                raise _BadParam("last_modified_time") from None
-        items, more = self.catalogue.page(
-            page, per_page, sort_column, sort_order, filter_by, modified_after
-        )
-        return {
-            "code": 0,
-            "message": "success",
-            "items": items,
-            "page_context": {
-                "page": page,
-                "per_page": per_page,
-                "has_more_page": more,
-                "report_name": "Items",
-                "applied_filter": filter_by,
-                "sort_column": sort_column,
-                "sort_order": sort_order,
-            },
-        }
 
     # Other routes
 
@@ -629,16 +589,6 @@ class Simulator:
                 self._finish(call)
 
         return handle
-
-
-def _int_param(text: str, name: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise _BadParam(name) from None
-    if value < 1:
-        raise _BadParam(name)
-    return value
 
 
 def _drop_connection(request: web.Request) -> None:

@@ -35,6 +35,7 @@ RUNTIME_KEYS = frozenset(
         "token_block_seconds",
         "max_live_tokens",
         "per_page_max",
+        "latency",
     }
 )
 
@@ -69,6 +70,9 @@ class SimConfig:
     inventory_scope: bool = True
     not_found_style: str = "404"
     per_page_max: int = 200
+    # Server-side time per admitted API request (s), so requests overlap in flight as they
+    # do over a real network; 0 answers at once.
+    latency: float = 0.0
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -97,6 +101,8 @@ class SimConfig:
             problems.append("max_live_tokens must be >= 1")
         if self.per_page_max < 1:
             problems.append("per_page_max must be >= 1")
+        if self.latency < 0:
+            problems.append("latency must be >= 0")
         if self.retry_after is not None and self.retry_after < 0:
             problems.append("retry_after must be >= 0 or None")
         if problems:

@@ -106,6 +106,7 @@ class TokenAuthority:
             return TokenReply(config.throttle_status, dict(ACCESS_DENIED))
         account.mints.append(now)
         token = self.issue(refresh_token)
+        self.minted += 1
         body: dict[str, Any] = {
             "access_token": token,
             "api_domain": api_domain,
@@ -118,7 +119,7 @@ class TokenAuthority:
         return TokenReply(200, body, minted=True)
 
     def issue(self, refresh_token: str | None = None) -> str:
-        """Mint a valid token directly (no throttle), tracking it as live."""
+        """Mint a valid token directly (no throttle, not counted in tokens_minted)."""
         config = self.config
         issued_ms = int(self._wall() * 1000)
         payload = _PAYLOAD.pack(issued_ms, config.token_ttl, secrets.token_bytes(4))
@@ -128,7 +129,6 @@ class TokenAuthority:
         # Zoho keeps about 15 live tokens per refresh token and silently drops the oldest.
         while len(account.live) > config.max_live_tokens:
             self._revoked.add(account.live.popleft())
-        self.minted += 1
         return token
 
     def _sign(self, payload: bytes) -> str:

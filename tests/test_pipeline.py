@@ -1,0 +1,220 @@
+"""The core pipeline against the simulator over real loopback HTTP."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import SimFactory, assert_mirror, run_once
+from zoho_image_sync.simulator import Simulator
+from zoho_image_sync.storage import sniff_image
+
+SMALL = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
+
+
+async def test_full_pass_mirrors_the_catalogue(make_sim: SimFactory, make_config: Any) -> None:
+    sim: Simulator = await make_sim()
+    cfg = make_config(sim)
+    report, code = await run_once(cfg)
+    assert code == 0
+    st = report["statistics"]
+    assert report["status"] == "success"
+    assert st["total"] == 2205
+    assert st["new"] == st["images_downloaded"] == 1605
+    assert st["no_image"] == 600
+    assert st["errors"] == 0 and report["errors"] == []
+    # 12 pages + 1605 images: the theoretical minimum, and what the simulator saw.
+    assert st["api_requests"] == 12 + 1605 == sim.stats()["api_requests"]
+    assert sim.stats()["tokens_minted"] == 1
+    served = sum(len(sim.image_bytes(i) or b"") for i in sim.item_ids_with_images())
+    assert st["bytes_downloaded"] == served
+    assert_mirror(sim, cfg.storage.images_dir)
+    types = {p.suffix for p in cfg.storage.images_dir.iterdir()}
+    assert types == {".jpg", ".png"}
+    state = json.loads(cfg.storage.state_file.read_bytes())
+    assert stat.S_IMODE(cfg.storage.state_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(cfg.token_file.stat().st_mode) == 0o600
+    statuses = [e["status"] for e in state["items"].values()]
+    assert statuses.count("downloaded") == 1605 and statuses.count("no_image") == 600
+
+
+async def test_second_pass_downloads_nothing_and_mints_no_token(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    first, _ = await run_once(cfg)
+    assert first["statistics"]["new"] == 120
+    sim.reset_log()
+    second, code = await run_once(cfg)
+    assert code == 0
+    st = second["statistics"]
+    assert st["unchanged"] == 120 and st["images_downloaded"] == 0 and st["new"] == 0
+    assert st["api_requests"] == 2  # pages only
+    assert sim.stats()["tokens_minted"] == 0
+    assert sim.stats()["requests"].get("image") is None
+
+
+async def test_changed_and_removed_images_are_mirrored(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    ids = sim.item_ids_with_images()
+    changed, retyped, removed = ids[0], ids[1], ids[2]
+    old = (cfg.storage.images_dir / f"{changed}.jpg").read_bytes()
+    sim.set_image(changed, kind="jpg")
+    sim.set_image(retyped, kind="png")
+    sim.remove_image(removed)
+    report, code = await run_once(cfg)
+    st = report["statistics"]
+    assert code == 0
+    assert st["updated"] == 2 and st["removed"] == 1 and st["new"] == 0
+    assert st["images_downloaded"] == 2
+    assert st["unchanged"] == 117
+    new = (cfg.storage.images_dir / f"{changed}.jpg").read_bytes()
+    assert new != old and new == sim.image_bytes(changed)
+    assert not (cfg.storage.images_dir / f"{retyped}.jpg").exists()
+    assert (cfg.storage.images_dir / f"{retyped}.png").read_bytes() == sim.image_bytes(retyped)
+    assert not (cfg.storage.images_dir / f"{removed}.jpg").exists()
+    state = json.loads(cfg.storage.state_file.read_bytes())
+    assert state["items"][removed]["status"] == "no_image"
+    assert_mirror(sim, cfg.storage.images_dir)
+
+
+async def test_locally_damaged_file_is_fetched_again(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    a, b, c = sim.item_ids_with_images()[:3]
+    (cfg.storage.images_dir / f"{a}.jpg").unlink()
+    (cfg.storage.images_dir / f"{b}.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    # Same size and mtime kept back: only the hash can tell.
+    p = cfg.storage.images_dir / f"{c}.jpg"
+    st = p.stat()
+    p.write_bytes(b"\x00" * st.st_size)
+    import os
+
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    report, _ = await run_once(cfg)
+    # a and b fail the stat check and are fetched again; c passes it (stat is the cheap check).
+    assert report["statistics"]["updated"] == 2
+    assert (cfg.storage.images_dir / f"{a}.jpg").read_bytes() == sim.image_bytes(a)
+    assert (cfg.storage.images_dir / f"{b}.jpg").read_bytes() == sim.image_bytes(b)
+
+
+async def test_resume_after_an_interrupted_pass(make_sim: SimFactory, make_config: Any) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim, limits={"daily_request_budget": 52})
+    report, code = await run_once(cfg)
+    assert code == 75
+    assert report["status"] == "interrupted" and report["reason"] == "daily_budget"
+    done_first = report["statistics"]["images_downloaded"]
+    pages = sum(r.endpoint == "items" for r in sim.records)
+    assert 0 < done_first == 52 - pages
+    assert sim.stats()["api_requests"] == 52
+    state = json.loads(cfg.storage.state_file.read_bytes())
+    assert sum(e["status"] == "downloaded" for e in state["items"].values()) == done_first
+    cfg2 = make_config(sim, limits={"daily_request_budget": 1000})
+    report2, code2 = await run_once(cfg2)
+    assert code2 == 0
+    assert report2["statistics"]["new"] == 120 - done_first
+    assert report2["statistics"]["unchanged"] == done_first
+    # No image was fetched twice across the two runs.
+    image_requests = [r.item_id for r in sim.records if r.endpoint == "image"]
+    assert len(image_requests) == len(set(image_requests)) == 120
+    assert_mirror(sim, cfg.storage.images_dir)
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "reason"),
+    [
+        ("json200", {}, "not_an_image"),
+        ("html200", {}, "not_an_image"),
+        ("empty", {}, "empty_body"),
+        ("oversize", {"size": 2_000_000}, "too_large"),
+        ("not_found", {}, "image_not_found"),
+        ("truncate", {}, "retries_exhausted"),
+        ("status", {"status": 500}, "retries_exhausted"),
+        ("reset", {}, "retries_exhausted"),
+    ],
+)
+async def test_bad_responses_fail_one_item_and_write_nothing(
+    make_sim: SimFactory, make_config: Any, kind: str, params: dict[str, Any], reason: str
+) -> None:
+    sim = await make_sim(**SMALL)
+    victim = sim.item_ids_with_images()[5]
+    sim.add_fault(kind, victim, **params)
+    cfg = make_config(sim, download={"max_image_bytes": 1_000_000, "max_attempts": 3})
+    report, code = await run_once(cfg)
+    assert code == 0
+    assert report["status"] == "partial"
+    assert report["errors"] == [
+        {"zoho_item_id": victim, "reason": reason, "detail": report["errors"][0]["detail"]}
+    ]
+    assert report["statistics"]["errors"] == 1
+    assert report["statistics"]["new"] == 119
+    names = {p.name for p in cfg.storage.images_dir.iterdir()}
+    assert not any(n.startswith(victim) for n in names)
+    assert not any(n.startswith(".") for n in names)
+    if reason == "retries_exhausted":
+        assert sum(r.item_id == victim for r in sim.records) == 3
+    state = json.loads(cfg.storage.state_file.read_bytes())
+    assert state["items"][victim]["status"] == "failed"
+    assert state["items"][victim]["reason"] == reason
+
+
+@pytest.mark.parametrize("kind", ["truncate", "reset", "status"])
+async def test_transient_faults_are_retried_to_success(
+    make_sim: SimFactory, make_config: Any, kind: str
+) -> None:
+    sim = await make_sim(**SMALL)
+    victim = sim.item_ids_with_images()[7]
+    sim.add_fault(kind, victim, times=2, **({"status": 503} if kind == "status" else {}))
+    cfg = make_config(sim, download={"max_attempts": 3})
+    report, _ = await run_once(cfg)
+    assert report["status"] == "success"
+    assert sum(r.item_id == victim for r in sim.records) == 3
+    assert_mirror(sim, cfg.storage.images_dir)
+
+
+async def test_magic_number_decides_the_extension(make_sim: SimFactory, make_config: Any) -> None:
+    sim = await make_sim(**SMALL)
+    a, b, c = sim.item_ids_with_images()[:3]
+    sim.set_image(a, kind="gif")
+    sim.set_image(b, kind="webp")
+    sim.add_fault("wrong_type", c)  # Content-Type says png, bytes are JPEG
+    cfg = make_config(sim)
+    report, _ = await run_once(cfg)
+    assert report["status"] == "success"
+    d = cfg.storage.images_dir
+    assert sniff_image((d / f"{a}.gif").read_bytes()[:12]) == "gif"
+    assert sniff_image((d / f"{b}.webp").read_bytes()[:12]) == "webp"
+    assert (d / f"{c}.jpg").exists() and not (d / f"{c}.png").exists()
+
+
+@pytest.mark.parametrize(
+    "bad_id", ["../../escape", "a/b", "..", "x" * 200, "nul\x00byte", "", "sp ace"]
+)
+async def test_hostile_item_ids_are_refused(
+    make_sim: SimFactory, make_config: Any, tmp_path: Path, bad_id: str
+) -> None:
+    sim = await make_sim(**SMALL)
+    victim = sim.item_ids_with_images()[3]
+    sim.set_item_field(victim, "item_id", bad_id)
+    cfg = make_config(sim)
+    report, code = await run_once(cfg)
+    assert code == 0 and report["status"] == "partial"
+    assert [e["reason"] for e in report["errors"]] == ["bad_item_id"]
+    assert report["statistics"]["total"] == 300
+    assert report["statistics"]["new"] == 119
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and "images" not in p.parts]
+    assert {p.name for p in outside} <= {"state.json", "state.json.lock", "token.json"}
+    assert all(p.parent == cfg.storage.images_dir for p in cfg.storage.images_dir.rglob("*"))
