@@ -628,6 +628,16 @@ async def test_concurrency_429_code_1070(make_harness: MakeHarness) -> None:
     assert h.sim.in_flight == 0
 
 
+async def test_latency_makes_requests_overlap(make_harness: MakeHarness) -> None:
+    h = await make_harness(latency=0.05, max_concurrent=10)
+    ids = h.sim.item_ids_with_images()[:4]
+    responses = await asyncio.gather(*(h.image(item_id) for item_id in ids))
+    assert [r.status for r in responses] == [200] * 4
+    assert h.sim.stats()["max_in_flight"] == 4
+    h.sim.update_config(latency=0.0)
+    assert h.sim.config.latency == 0.0
+
+
 async def test_daily_limit_429_code_45(make_harness: MakeHarness) -> None:
     clock = FakeClock(0.0)
     h = await make_harness(clock=clock, daily_limit=3, day_seconds=100.0)

@@ -1,0 +1,115 @@
+"""The token: cached across runs, refreshed once on 401, permanent errors stop at once."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from conftest import SimFactory, assert_mirror, run_once
+from zoho_image_sync.errors import ConfigError
+
+SMALL = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
+
+
+async def test_cached_token_is_reused_and_a_revoked_one_refreshed_once(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    assert sim.stats()["tokens_minted"] == 1
+    cached = json.loads(cfg.token_file.read_bytes())["access_token"]
+    sim.set_image(sim.item_ids_with_images()[0])
+    sim.revoke_all_tokens()
+    sim.reset_log()
+    report, code = await run_once(cfg)
+    assert code == 0 and report["status"] == "success"
+    assert sim.stats()["tokens_minted"] == 1
+    assert json.loads(cfg.token_file.read_bytes())["access_token"] != cached
+    # One 401 (code 57), then the same request again with the new token.
+    assert sim.stats()["requests"]["items"] == {"401": 1, "200": 2}
+
+
+async def test_token_refused_mid_pass_costs_one_refresh_and_no_item(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    victim = sim.item_ids_with_images()[60]
+    # The victim's image request finds every token expired, as if an hour had passed.
+    sim.add_fault("status", victim, times=1, status=401,
+                  body={"code": 57, "message": "You are not authorized to perform this operation"})
+    cfg = make_config(sim)
+    report, code = await run_once(cfg)
+    assert code == 0 and report["status"] == "success"
+    assert report["statistics"]["errors"] == 0
+    assert sim.stats()["tokens_minted"] == 2
+    assert_mirror(sim, cfg.storage.images_dir)
+
+
+@pytest.mark.parametrize(
+    ("fault", "key"),
+    [
+        ("invalid_code", "zoho.refresh_token"),
+        ("invalid_client", "zoho.client_id"),
+        ("invalid_client_secret", "zoho.client_secret"),
+    ],
+)
+async def test_permanent_token_errors_exit_78_naming_the_credential(
+    make_sim: SimFactory, make_config: Any, fault: str, key: str
+) -> None:
+    sim = await make_sim(**SMALL)
+    sim.token_fault(fault)
+    cfg = make_config(sim)
+    report, code = await run_once(cfg)
+    assert code == 78
+    assert report["status"] == "failed"
+    assert key in report["reason"] and fault in report["reason"]
+    # No retry loop: exactly one call to the token endpoint, nothing else.
+    assert sim.stats()["requests"] == {"token": {"200": 1}}
+
+
+async def test_throttled_token_endpoint_exits_1_without_hammering(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    sim.token_fault("throttle")
+    cfg = make_config(sim)
+    report, code = await run_once(cfg)
+    assert code == 1 and report["status"] == "failed"
+    assert "throttled" in report["reason"]
+    assert sim.stats()["requests"]["token"] == {"200": 1}
+
+
+async def test_missing_credentials_are_a_config_error(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim, env={"ZOHO_CLIENT_ID": "x"})
+    report, code = await run_once(cfg)
+    assert code == 78 and "zoho.client_secret" in report["reason"]
+    with pytest.raises(ConfigError):
+        cfg.credentials.require()
+
+
+async def test_fresh_token_still_refused_is_a_scope_error(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL, inventory_scope=False)
+    cfg = make_config(sim)
+    report, code = await run_once(cfg)
+    assert code == 78
+    assert "ZohoInventory.items.READ" in report["reason"]
+    assert sim.stats()["tokens_minted"] == 2  # the first, and the one fresh retry
+
+
+async def test_legacy_milliseconds_expiry_is_understood(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL, legacy_expires_ms=True)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    expires_at = json.loads(cfg.token_file.read_bytes())["expires_at"]
+    assert 3000 < expires_at - time.time() <= 3600

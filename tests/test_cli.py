@@ -1,0 +1,111 @@
+"""The real command line in subprocesses: demo, once, status, export; no secret anywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from conftest import CREDS_ENV, SimFactory, config_doc, write_toml
+
+EXE = [sys.executable, "-m", "zoho_image_sync"]
+SMALL = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
+
+
+def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, env=full_env,
+                          cwd=cwd, timeout=timeout, check=False)
+
+
+def test_demo_runs_with_no_credentials(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZOHO_")}
+    proc = subprocess.run([*EXE, "-c", str(tmp_path / "none.toml"), "demo", "--dir",
+                           str(tmp_path / "d")], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    st = report["statistics"]
+    assert (st["total"], st["images_downloaded"], st["errors"]) == (2205, 1605, 0)
+    assert len(list((tmp_path / "d" / "images" / "item").iterdir())) == 1605
+    again = subprocess.run([*EXE, "-c", str(tmp_path / "none.toml"), "demo", "--dir",
+                            str(tmp_path / "d")], capture_output=True, text=True, env=env,
+                           timeout=120, check=False)
+    assert json.loads(again.stdout)["statistics"]["images_downloaded"] == 0
+    assert '"tokens_minted": 0' in again.stderr
+
+
+async def test_once_status_export_and_no_secret_leaks(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
+    sim = await make_sim(**SMALL)
+    victim = sim.item_ids_with_images()[0]
+    sim.add_fault("json200", victim)
+    doc = config_doc(sim, log={"level": "debug", "format": "json"})
+    cfg = write_toml(tmp_path / "config.toml", doc)
+    # The simulator lives in this event loop: the child runs in a thread, not blocking it.
+    once = await asyncio.to_thread(cli, "-c", str(cfg), "once", env=CREDS_ENV)
+    assert once.returncode == 0, once.stderr[-2000:]
+    report = json.loads(once.stdout)
+    assert report["status"] == "partial"
+    assert report["errors"][0]["reason"] == "not_an_image"
+
+    status = cli("-c", str(cfg), "status")
+    assert status.returncode == 0
+    counts = json.loads(status.stdout)["items"]
+    assert counts == {"downloaded": 119, "no_image": 180, "failed": 1, "pending": 0}
+
+    out = tmp_path / "erp" / "records.json"
+    export = cli("-c", str(cfg), "export", "--out", str(out))
+    assert export.returncode == 0
+    assert json.loads(export.stdout) == {"written": 300, "path": str(out)}
+    records = json.loads(out.read_text())
+    by_id = {r["zoho_item_id"]: r for r in records}
+    good = sim.item_ids_with_images()[1]
+    assert by_id[good]["image_path"] == f"images/item/{good}.jpg"
+    assert (tmp_path / "data" / by_id[good]["image_path"]).read_bytes() == sim.image_bytes(good)
+    assert by_id[victim]["image_path"] is None and by_id[victim]["image_status"] == "failed"
+    assert set(by_id[good]) == {"zoho_item_id", "name", "sku", "image_name",
+                                "image_document_id", "image_url", "image_path",
+                                "image_sha256", "image_bytes", "image_status"}
+
+    access = json.loads((tmp_path / "data" / "token.json").read_text())["access_token"]
+    secrets = [*CREDS_ENV.values(), access]
+    texts = {
+        "stderr": once.stderr + status.stderr + export.stderr,
+        "stdout": once.stdout + status.stdout + export.stdout,
+        "state": (tmp_path / "data" / "state.json").read_text(),
+        "export": out.read_text(),
+    }
+    assert '"level": "debug"' in texts["stderr"]  # the debug log really was on
+    for where, text in texts.items():
+        for secret in secrets:
+            assert secret not in text, f"a secret leaked into {where}"
+
+
+def test_bad_config_exits_78_naming_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[download]\nworkers = 0\n")
+    proc = cli("-c", str(cfg), "once", env=CREDS_ENV)
+    assert proc.returncode == 78
+    assert "download.workers" in proc.stderr
+
+
+def test_second_instance_on_the_same_state_refuses(tmp_path: Path) -> None:
+    import fcntl
+
+    (tmp_path / "data").mkdir()
+    lock = tmp_path / "data" / "state.json.lock"
+    with lock.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        cfg = write_toml(tmp_path / "config.toml", {"zoho": {"accounts_url": "http://127.0.0.1:9"}})
+        proc = cli("-c", str(cfg), "once", env=CREDS_ENV)
+    assert proc.returncode == 78
+    assert "another zoho-image-sync" in proc.stderr + proc.stdout
+
+
