@@ -39,8 +39,13 @@ async def test_token_refused_mid_pass_costs_one_refresh_and_no_item(
     sim = await make_sim(**SMALL)
     victim = sim.item_ids_with_images()[60]
     # The victim's image request finds every token expired, as if an hour had passed.
-    sim.add_fault("status", victim, times=1, status=401,
-                  body={"code": 57, "message": "You are not authorized to perform this operation"})
+    sim.add_fault(
+        "status",
+        victim,
+        times=1,
+        status=401,
+        body={"code": 57, "message": "You are not authorized to perform this operation"},
+    )
     cfg = make_config(sim)
     report, code = await run_once(cfg)
     assert code == 0 and report["status"] == "success"

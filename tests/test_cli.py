@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from conftest import CREDS_ENV, SimFactory, config_doc, write_toml
 
@@ -16,33 +15,49 @@ EXE = [sys.executable, "-m", "zoho_image_sync"]
 SMALL = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
 
 
-def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([*EXE, *args], capture_output=True, text=True, env=full_env,
-                          cwd=cwd, timeout=timeout, check=False)
+    return subprocess.run(
+        [*EXE, *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_demo_runs_with_no_credentials(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZOHO_")}
-    proc = subprocess.run([*EXE, "-c", str(tmp_path / "none.toml"), "demo", "--dir",
-                           str(tmp_path / "d")], capture_output=True, text=True, env=env,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [*EXE, "-c", str(tmp_path / "none.toml"), "demo", "--dir", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     st = report["statistics"]
     assert (st["total"], st["images_downloaded"], st["errors"]) == (2205, 1605, 0)
     assert len(list((tmp_path / "d" / "images" / "item").iterdir())) == 1605
-    again = subprocess.run([*EXE, "-c", str(tmp_path / "none.toml"), "demo", "--dir",
-                            str(tmp_path / "d")], capture_output=True, text=True, env=env,
-                           timeout=120, check=False)
+    again = subprocess.run(
+        [*EXE, "-c", str(tmp_path / "none.toml"), "demo", "--dir", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert json.loads(again.stdout)["statistics"]["images_downloaded"] == 0
     assert '"tokens_minted": 0' in again.stderr
 
 
-async def test_once_status_export_and_no_secret_leaks(
-    make_sim: SimFactory, tmp_path: Path
-) -> None:
+async def test_once_status_export_and_no_secret_leaks(make_sim: SimFactory, tmp_path: Path) -> None:
     sim = await make_sim(**SMALL)
     victim = sim.item_ids_with_images()[0]
     sim.add_fault("json200", victim)
@@ -70,9 +85,18 @@ async def test_once_status_export_and_no_secret_leaks(
     assert by_id[good]["image_path"] == f"images/item/{good}.jpg"
     assert (tmp_path / "data" / by_id[good]["image_path"]).read_bytes() == sim.image_bytes(good)
     assert by_id[victim]["image_path"] is None and by_id[victim]["image_status"] == "failed"
-    assert set(by_id[good]) == {"zoho_item_id", "name", "sku", "image_name",
-                                "image_document_id", "image_url", "image_path",
-                                "image_sha256", "image_bytes", "image_status"}
+    assert set(by_id[good]) == {
+        "zoho_item_id",
+        "name",
+        "sku",
+        "image_name",
+        "image_document_id",
+        "image_url",
+        "image_path",
+        "image_sha256",
+        "image_bytes",
+        "image_status",
+    }
 
     access = json.loads((tmp_path / "data" / "token.json").read_text())["access_token"]
     secrets = [*CREDS_ENV.values(), access]
@@ -107,5 +131,3 @@ def test_second_instance_on_the_same_state_refuses(tmp_path: Path) -> None:
         proc = cli("-c", str(cfg), "once", env=CREDS_ENV)
     assert proc.returncode == 78
     assert "another zoho-image-sync" in proc.stderr + proc.stdout
-
-
