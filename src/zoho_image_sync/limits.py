@@ -40,11 +40,13 @@ class RollingWindow:
         self._sent: deque[float] = deque()
         self._lock = asyncio.Lock()
         self._blocked_until = 0.0
+        self._changed = asyncio.Event()
         self.waited_seconds = 0.0
 
     def set_limit(self, limit: int) -> None:
-        """Change the limit live (SIGHUP); the window history is kept."""
+        """Change the limit live (SIGHUP); the window history is kept, a waiter re-checks."""
         self.limit = limit
+        self._changed.set()
 
     def block_for(self, seconds: float) -> None:
         """Admit nothing for ``seconds`` (the server told us to slow down)."""
@@ -73,8 +75,12 @@ class RollingWindow:
                     wait = max(wait, self._sent[idx] + self.window + self.margin - now)
                 if wait <= 0:
                     break
-                self.waited_seconds += wait
-                await asyncio.sleep(wait)
+                t0 = self.clock()
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._changed.wait()
+                self.waited_seconds += self.clock() - t0
             self._sent.append(self.clock())
 
 

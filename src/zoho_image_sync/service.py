@@ -111,6 +111,9 @@ class Service:
         self.notifier = Notifier()
         self._wake = asyncio.Event()
         self._hup = asyncio.Event()
+        self._next_pass_at = 0.0
+        self._last_pass_end = 0.0
+        self._interval_based = False
 
     # -- intents -----------------------------------------------------------
 
@@ -362,14 +365,22 @@ class Daemon(Service):
                 )
             self.notifier.status(_status_line(report))
             log.info("pass finished", status=status, **report["statistics"])
-            await self._sleep(wait)
+            self._last_pass_end = time.monotonic()
+            self._interval_based = status in ("success", "partial")
+            self._next_pass_at = self._last_pass_end + wait
+            await self._sleep_until_next()
             self.budget_resume_at = None
 
-    async def _sleep(self, seconds: float) -> None:
-        self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._wake.wait()
+    async def _sleep_until_next(self) -> None:
+        """Sleep until the next pass is due; a reload may move that time, a stop ends it."""
+        while not self.stop_event.is_set():
+            remaining = self._next_pass_at - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
 
     async def _reload_loop(self) -> None:
         while True:
@@ -439,7 +450,8 @@ class Daemon(Service):
             self.current_pass.resize(new.download.workers)
             self.current_pass.shutdown_timeout = new.sync.shutdown_timeout_seconds
         self.metrics.workers.set(new.download.workers)
-        if self.current_pass is None:
+        if self._interval_based:
+            self._next_pass_at = self._last_pass_end + new.sync.interval_seconds
             self._wake.set()
 
     async def _token_loop(self) -> None:

@@ -81,6 +81,8 @@ class Simulator:
         self.limiter = Limiter(clock)
         self.faults = FaultBook()
         self._records: list[RequestRecord] = []
+        self._api_done = 0
+        self._waiters: list[tuple[int, asyncio.Event]] = []
         self._externals: dict[str, tuple[bytes, str]] = {}
         self._release = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -285,7 +287,25 @@ class Simulator:
         return _Call(t=self._clock(), endpoint=endpoint, path=request.path, item_id=item_id)
 
     def _finish(self, call: _Call) -> None:
-        self._records.append(call.record())
+        record = call.record()
+        self._records.append(record)
+        if record.is_api:
+            self._api_done += 1
+            for target, event in list(self._waiters):
+                if self._api_done >= target:
+                    event.set()
+
+    async def wait_api_requests(self, count: int) -> None:
+        """Return once at least ``count`` API requests have been answered (log order)."""
+        if self._api_done >= count:
+            return
+        event = asyncio.Event()
+        entry = (count, event)
+        self._waiters.append(entry)
+        try:
+            await event.wait()
+        finally:
+            self._waiters.remove(entry)
 
     async def _send(
         self,

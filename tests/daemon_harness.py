@@ -1,0 +1,111 @@
+"""Run the real daemon in a subprocess, with a NOTIFY_SOCKET the test reads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import CREDS_ENV
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Daemon:
+    """``zoho-image-sync run`` as a child process; notifications arrive on a test socket."""
+
+    def __init__(self, config: Path, folder: Path, watchdog_usec: int | None = None) -> None:
+        self.config = config
+        self.folder = folder
+        self.watchdog_usec = watchdog_usec
+        self.proc: asyncio.subprocess.Process | None = None
+        self.sock_path = folder / "notify.sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.sock_path))
+        self.sock.setblocking(False)
+        self.messages: list[tuple[float, str]] = []
+        self.stderr = b""
+
+    async def start(self) -> None:
+        env = {**os.environ, **CREDS_ENV, "NOTIFY_SOCKET": str(self.sock_path)}
+        if self.watchdog_usec:
+            env["WATCHDOG_USEC"] = str(self.watchdog_usec)
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "zoho_image_sync",
+            "-c",
+            str(self.config),
+            "run",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        self._stderr_task = asyncio.ensure_future(self._read_stderr())
+
+    async def _read_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.stderr += line
+
+    async def next_message(self) -> str:
+        """The next notification datagram."""
+        loop = asyncio.get_running_loop()
+        data = await loop.sock_recv(self.sock, 4096)
+        text = data.decode()
+        self.messages.append((time.monotonic(), text))
+        return text
+
+    async def wait_for(self, needle: str) -> str:
+        """Read notifications until one contains ``needle``."""
+        while True:
+            msg = await self.next_message()
+            if needle in msg:
+                return msg
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        code = await self.proc.wait()
+        await self._stderr_task
+        return code
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+            await self.proc.wait()
+        with contextlib.suppress(Exception):
+            await self._stderr_task
+        self.sock.close()
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The daemon's /metrics as {(sample name, sorted labels): value}."""
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
+        text = await r.text()
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+async def get_json(port: int, path: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}{path}") as r:
+        return r.status, await r.json()
