@@ -46,7 +46,7 @@ async def test_notify_sequence_reload_and_stop(
     cfg, port = daemon_config(tmp_path, sim)
     d = await daemons(cfg, tmp_path, watchdog_usec=200_000)
     await d.wait_for("READY=1")
-    status, body = await get_json(port, "/healthz")
+    status, _body = await get_json(port, "/healthz")
     assert status == 200
     await d.wait_for("WATCHDOG=1")
     await d.wait_for("STATUS=last pass success")
@@ -125,7 +125,7 @@ async def test_sighup_with_a_higher_limit_raises_the_request_rate(
     api = [r for r in sim.records if r.is_api]
     first_minute = [r for r in api if r.t - api[0].t < 60]
     assert len(first_minute) >= 120  # 4x the old limit within the first rolling minute
-    status, state = await get_json(port, "/state")
+    _status, state = await get_json(port, "/state")
     assert state["workers"] == 16
     m = await scrape(port)
     assert m[("zoho_image_sync_config_last_reload_successful", ())] == 1
@@ -143,7 +143,7 @@ def _check_folder(tmp_path: Path) -> dict[str, Any]:
     assert {Path(v["path"]).name for v in downloaded.values()} == {f.name for f in files}
     for entry in downloaded.values():
         assert hashlib.sha256(Path(entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
-    return state
+    return dict(state)
 
 
 async def test_sigterm_mid_pass_drains_and_exits_0(
@@ -151,7 +151,7 @@ async def test_sigterm_mid_pass_drains_and_exits_0(
 ) -> None:
     sim = await make_sim(**SMALL)
     sim.add_fault("slow", None, delay=0.3)
-    cfg, port = daemon_config(
+    cfg, _port = daemon_config(
         tmp_path, sim, download={"workers": 4}, sync={"shutdown_timeout_seconds": 10}
     )
     d = await daemons(cfg, tmp_path)
@@ -175,7 +175,7 @@ async def test_drain_deadline_cancels_stuck_downloads_cleanly(
     victims = sim.item_ids_with_images()[:2]
     for v in victims:
         sim.add_fault("slow", v, delay=30)
-    cfg, port = daemon_config(
+    cfg, _port = daemon_config(
         tmp_path,
         sim,
         download={"workers": 2, "timeout_seconds": 60},
