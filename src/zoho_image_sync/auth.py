@@ -83,15 +83,17 @@ class TokenManager:
         """A token is held and not expired."""
         return self._token is not None and self._wall() < self.expires_at
 
-    def _cache_key(self) -> str:
-        client_id, _, refresh = self._credentials.require()
+    def _cache_key(self) -> str | None:
+        if self._credentials.client_id is None or self._credentials.refresh_token is None:
+            return None
+        client_id, refresh = self._credentials.client_id, self._credentials.refresh_token
         material = f"{client_id.reveal()}\0{refresh.reveal()}"
         return hashlib.sha256(material.encode()).hexdigest()[:24]
 
     def _load_cache(self) -> None:
         try:
             doc = json.loads(self._cache_path.read_bytes())
-            if doc.get("key") != self._cache_key():
+            if self._cache_key() is None or doc.get("key") != self._cache_key():
                 return
             token, expires_at = doc["access_token"], float(doc["expires_at"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import csv
 import dataclasses
+import io
 import json
 import os
 import signal
@@ -22,11 +24,13 @@ import structlog
 from . import __version__
 from .config import Config, load
 from .errors import EX_CONFIG, EX_FAILED, EX_OK, ConfigError, SyncError
-from .export import erp_records, write_export
+from .export import erp_records, merge, write_export
 from .logsetup import Redactor, configure
 from .pager import zoho_pages
 from .service import Service, failed_report
+from .sources import file_pages
 from .state import State, StateCorrupt
+from .storage import write_bytes_atomic
 
 log = structlog.get_logger("zoho_image_sync")
 
@@ -42,10 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="the daemon: a pass every sync.interval_seconds")
     sub.add_parser("once", help="one full pass, then exit; prints the pass report")
-    sub.add_parser("audit", help="page the catalogue only: which items have an image")
+    au = sub.add_parser("audit", help="page the catalogue only: which items have an image")
+    au.add_argument(
+        "--list",
+        dest="list_file",
+        default=None,
+        help="also write the ids without an image to this CSV file",
+    )
     sub.add_parser("status", help="counts from the state file, no network")
     ex = sub.add_parser("export", help="write the ERP records (JSON) atomically")
     ex.add_argument("--out", required=True, help="output file")
+    ex.add_argument("--format", choices=("json", "csv"), default="json")
+    ex.add_argument(
+        "--merge",
+        default=None,
+        metavar="FILE",
+        help="an ERP records file (JSON array keyed by zoho_item_id): written to "
+        "--out with only the image fields set or cleared",
+    )
     sim = sub.add_parser("simulate", help="serve the built-in Zoho simulator on loopback")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8900)
@@ -183,12 +201,26 @@ def cmd_audit(args: argparse.Namespace, redactor: Redactor) -> int:
             assert service.client is not None
             total = with_image = 0
             by_type: Counter[str] = Counter()
-            async for _page, items in zoho_pages(service.client):
+            missing: list[tuple[str, str, str]] = []
+            pages = (
+                file_pages(Path(cfg.source.items_file))
+                if cfg.source.kind == "file"
+                else zoho_pages(service.client)
+            )
+            async for _page, items in pages:
                 for item in items:
                     total += 1
-                    if item.has_zoho_image:
+                    if item.has_zoho_image or item.image_url or item.item_id in service.url_map:
                         with_image += 1
                         by_type[item.image_type or "unknown"] += 1
+                    else:
+                        missing.append((item.item_id, item.sku, item.name))
+            if args.list_file:
+                buf = io.StringIO()
+                w = csv.writer(buf, lineterminator="\n")
+                w.writerow(["zoho_item_id", "sku", "name"])
+                w.writerows(missing)
+                write_bytes_atomic(Path(args.list_file), buf.getvalue().encode("utf-8"))
             return {
                 "total": total,
                 "with_image": with_image,
@@ -223,17 +255,36 @@ def cmd_status(args: argparse.Namespace, redactor: Redactor) -> int:
 
 
 def cmd_export(args: argparse.Namespace, redactor: Redactor) -> int:
-    """``export --out FILE``."""
+    """``export --out FILE [--format json|csv] [--merge ERP_FILE]``."""
     cfg = _load(args, redactor)
     state = _read_state(cfg)
     records = erp_records(state, cfg.storage.images_dir)
     out = Path(args.out)
+    result: dict[str, Any] = {"written": len(records), "path": str(out)}
     try:
-        write_export(records, out)
+        if args.merge:
+            if args.format != "json":
+                raise ConfigError("--format", "--merge writes the ERP's JSON; use --format json")
+            try:
+                existing = json.loads(Path(args.merge).read_bytes())
+                merged, matched, unknown = merge(existing, records)
+            except (OSError, ValueError) as exc:
+                log.error("cannot merge", path=args.merge, error=str(exc))
+                return EX_FAILED
+            data = json.dumps(merged, ensure_ascii=False, indent=2).encode("utf-8") + b"\n"
+            write_bytes_atomic(out, data, mode=0o644)
+            result = {
+                "written": len(merged),
+                "path": str(out),
+                "matched": matched,
+                "unknown": unknown,
+            }
+        else:
+            write_export(records, out, args.format)
     except OSError as exc:
         log.error("export failed", path=str(out), error=exc.strerror)
         return EX_FAILED
-    emit({"written": len(records), "path": str(out)})
+    emit(result)
     return EX_OK
 
 

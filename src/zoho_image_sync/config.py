@@ -152,6 +152,7 @@ class StorageConfig:
 class SyncConfig:
     interval_seconds: float = _spec(float, 1, 31 * 86400)
     shutdown_timeout_seconds: float = _spec(float, 0.1, 3600)
+    full_rescan_every: int = _spec(int, 1, 100_000)
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ DEFAULTS: Final[dict[str, dict[str, Any]]] = {
         "max_attempts": 5,
     },
     "storage": {"images_dir": "data/images/item", "state_file": "data/state.json"},
-    "sync": {"interval_seconds": 3600.0, "shutdown_timeout_seconds": 20.0},
+    "sync": {"interval_seconds": 3600.0, "shutdown_timeout_seconds": 20.0, "full_rescan_every": 24},
     "http": {"listen": "127.0.0.1:9464"},
     "log": {"level": "info", "format": "auto"},
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -38,7 +40,69 @@ def erp_records(state: State, images_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def write_export(records: list[dict[str, Any]], out: Path) -> None:
+FIELDS = (
+    "zoho_item_id",
+    "name",
+    "sku",
+    "image_name",
+    "image_document_id",
+    "image_url",
+    "image_path",
+    "image_sha256",
+    "image_bytes",
+    "image_status",
+)
+IMAGE_FIELDS = FIELDS[3:]
+
+
+def render(records: list[dict[str, Any]], fmt: str) -> bytes:
+    """The records as JSON (an array) or CSV (a header line, then one row each)."""
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
+        w.writeheader()
+        for r in records:
+            w.writerow({k: "" if r[k] is None else r[k] for k in FIELDS})
+        return buf.getvalue().encode("utf-8")
+    return json.dumps(records, ensure_ascii=False, indent=1).encode("utf-8") + b"\n"
+
+
+def write_export(records: list[dict[str, Any]], out: Path, fmt: str = "json") -> None:
     """Write the records atomically (temp, fsync, rename)."""
-    data = json.dumps(records, ensure_ascii=False, indent=1).encode("utf-8")
-    write_bytes_atomic(out, data + b"\n", mode=0o644)
+    write_bytes_atomic(out, render(records, fmt), mode=0o644)
+
+
+class MergeError(ValueError):
+    """The ERP records file cannot be merged (not an array of objects with ids)."""
+
+
+def merge(existing: Any, records: list[dict[str, Any]]) -> tuple[list[Any], int, int]:
+    """Set (or clear) the image fields of each ERP record; everything else untouched.
+
+    Returns (merged records, how many matched an item, how many had no item in the state).
+    Records keep their order and every other field; an item the state does not know keeps
+    its record exactly as it was.
+    """
+    if not isinstance(existing, list):
+        raise MergeError("the ERP records file must hold a JSON array")
+    by_id = {r["zoho_item_id"]: r for r in records}
+    out: list[Any] = []
+    matched = unknown = 0
+    for index, rec in enumerate(existing):
+        if not isinstance(rec, dict):
+            raise MergeError(f"record {index} is not an object")
+        item_id = rec.get("zoho_item_id")
+        if item_id is None:
+            raise MergeError(f"record {index} has no zoho_item_id")
+        ours = by_id.get(str(item_id))
+        if ours is None:
+            unknown += 1
+            out.append(rec)
+            continue
+        matched += 1
+        merged = dict(rec)
+        for key in IMAGE_FIELDS:
+            if key in rec or ours[key] is not None:
+                merged[key] = ours[key]
+        out.append(merged)
+    return out, matched, unknown

@@ -119,8 +119,10 @@ class SyncPass:
         workers: int,
         shutdown_timeout: float,
         stop: asyncio.Event | None = None,
+        full_scan: bool = True,
     ) -> None:
         self.pages = pages
+        self.full_scan = full_scan
         self.client = client
         self.state = state
         self.metrics = metrics
@@ -139,6 +141,11 @@ class SyncPass:
         self._workers: dict[int, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._complete = False
+
+    @property
+    def complete(self) -> bool:
+        """The whole catalogue was read and the pass neither failed nor stopped."""
+        return self._complete and self.fatal is None and self.interrupted is None
 
     # -- control -----------------------------------------------------------
 
@@ -181,7 +188,7 @@ class SyncPass:
             self.metrics.pass_in_progress.set(0)
             self.metrics.queue_depth.set(0)
         self.stats.api_requests = self.client.requests_sent - requests_before
-        if self._complete and self.fatal is None and self.interrupted is None:
+        if self.complete and self.full_scan:
             self._forget_unlisted()
         report = self._report()
         self.state.last_pass = report
@@ -298,11 +305,7 @@ class SyncPass:
                 detail=url[:200],
             )
             return
-        identity = (
-            f"doc:{item.image_document_id}"
-            if item.image_document_id and not item.from_url_map and not item.image_url
-            else f"url:{url}"
-        )
+        identity = image_identity(item, url)
         if (
             prev is not None
             and prev.get("status") == "downloaded"
@@ -425,6 +428,21 @@ class SyncPass:
         report["finished_at"] = round(time.time(), 3)
         report["duration_seconds"] = round(time.time() - self.progress.started_at, 3)
         return report
+
+
+def image_identity(item: CatalogueItem, url: str) -> str:
+    """What names this image: a change means a new download.
+
+    Zoho's own endpoint URL depends on api_domain and the Inventory/Books choice, so for
+    catalogue images the ``image_document_id`` alone is the identity; an explicit URL
+    (url_map, the items file's image_url) is part of it.
+    """
+    if item.from_url_map:
+        return f"url:{url}"
+    if item.image_url:
+        doc = f"doc:{item.image_document_id}|" if item.image_document_id else ""
+        return f"{doc}url:{url}"
+    return f"doc:{item.image_document_id}"
 
 
 def _with_map(item: CatalogueItem) -> CatalogueItem:

@@ -457,7 +457,8 @@ class Simulator:
         state = self.tokens.check(token) if scheme == AUTH_SCHEME and token else "invalid"
         if state == "invalid":
             return 401, {"code": 14, "message": "Invalid value passed for authtoken."}
-        if state == "dead" or (endpoint != "books_image" and not self._config.inventory_scope):
+        scope = self._config.inventory_scope and (endpoint != "image" or self._config.image_scope)
+        if state == "dead" or (endpoint != "books_image" and not scope):
             return 401, {"code": 57, "message": "You are not authorized to perform this operation"}
         if request.query.get("organization_id") != self._config.organization_id:
             return 400, {"code": 2, "message": "Invalid value passed for organization_id"}

@@ -27,6 +27,7 @@ RUNTIME_KEYS = frozenset(
         "retry_after",
         "not_found_style",
         "inventory_scope",
+        "image_scope",
         "throttle_status",
         "token_ttl",
         "legacy_expires_ms",
@@ -68,6 +69,9 @@ class SimConfig:
     client_secret: str = DEMO_CLIENT_SECRET
     refresh_token: str = DEMO_REFRESH_TOKEN
     inventory_scope: bool = True
+    # False: the token may list items but not read Inventory images (the ERP's case that
+    # the Books endpoint works around).
+    image_scope: bool = True
     not_found_style: str = "404"
     per_page_max: int = 200
     # Server-side time per admitted API request (s), so requests overlap in flight as they
