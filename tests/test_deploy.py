@@ -123,7 +123,7 @@ def metric_names(expr: str) -> set[str]:
 def test_metric_name_extraction() -> None:
     expr = (
         'histogram_quantile(0.9, sum by (le, instance) (rate(foo_bucket{a="b c", x=~"$i"}'
-        '[$__rate_interval]))) / on (instance) group_left bar_total - time() > bool 2 * 3600'
+        "[$__rate_interval]))) / on (instance) group_left bar_total - time() > bool 2 * 3600"
     )
     assert metric_names(expr) == {"foo_bucket", "bar_total"}
     assert metric_names('up{job="zoho-image-sync"} == 0') == {"up"}
@@ -323,7 +323,9 @@ def test_production_config_matches_the_unit() -> None:
     assert cfg.limits.requests_per_minute == 100
     assert cfg.log.format == "json"
     # No secret in the file: it is installed world-readable for the dynamic user.
-    assert not re.search(r"^\s*(client_id|client_secret|refresh_token)\s*=", PRODUCTION_CONFIG.read_text(), re.M)
+    assert not re.search(
+        r"^\s*(client_id|client_secret|refresh_token)\s*=", PRODUCTION_CONFIG.read_text(), re.M
+    )
 
 
 # -- Grafana dashboard -----------------------------------------------------------------------
@@ -370,23 +372,23 @@ def test_dashboard_structure_and_metric_names() -> None:
         assert names <= ALLOWED_NAMES, f"{title}: unknown metrics {names - ALLOWED_NAMES}"
         used |= names
     # What the dashboard is for: each of these is shown somewhere.
-    p = "zoho_image_sync_"
+    prefix = "zoho_image_sync_"
     required = {
-        p + "images_downloaded_total",
-        p + "last_pass_images_downloaded",
-        p + "bytes_downloaded_total",
-        p + "image_failures_total",
-        p + "rate_limited_total",
-        p + "token_refreshes_total",
-        p + "api_requests_total",
-        p + "queue_depth",
-        p + "downloads_in_flight",
-        p + "daily_budget_remaining",
-        p + "pass_duration_seconds_sum",
-        p + "last_pass_success_timestamp_seconds",
-        p + "items",
-        p + "token_expiry_timestamp_seconds",
-        p + "config_last_reload_successful",
+        prefix + "images_downloaded_total",
+        prefix + "last_pass_images_downloaded",
+        prefix + "bytes_downloaded_total",
+        prefix + "image_failures_total",
+        prefix + "rate_limited_total",
+        prefix + "token_refreshes_total",
+        prefix + "api_requests_total",
+        prefix + "queue_depth",
+        prefix + "downloads_in_flight",
+        prefix + "daily_budget_remaining",
+        prefix + "pass_duration_seconds_sum",
+        prefix + "last_pass_success_timestamp_seconds",
+        prefix + "items",
+        prefix + "token_expiry_timestamp_seconds",
+        prefix + "config_last_reload_successful",
     }
     assert required <= used, f"not on the dashboard: {required - used}"
     instance = variables["instance"]
@@ -417,7 +419,9 @@ def concrete(expr: str) -> str:
 class Proc:
     """A child process whose output is read by threads, line by line, as it comes."""
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None):
+    def __init__(
+        self, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.argv = argv
         self.popen = subprocess.Popen(
             argv,
@@ -457,8 +461,10 @@ class Proc:
                 seen = len(self.lines)
                 left = deadline - time.monotonic()
                 if self.popen.poll() is not None and not any(t.is_alive() for t in self._threads):
-                    pytest.fail(f"{self.argv[0]} exited {self.popen.returncode} before {what}:\n"
-                                + self.tail())
+                    pytest.fail(
+                        f"{self.argv[0]} exited {self.popen.returncode} before {what}:\n"
+                        + self.tail()
+                    )
                 if left <= 0:
                     pytest.fail(f"no {what} within {timeout} s:\n" + self.tail())
                 self._cond.wait(min(left, 0.5))
@@ -556,14 +562,25 @@ def test_live_prometheus_evaluates_every_query(tmp_path: Path, procs: list[Proc]
 
     # The simulator prints its base URL on stdout once it listens: that line is the signal.
     sim = Proc(
-        [*exe, "simulate", "--port", "0", "--per-minute", "0", "--items", "300",
-         "--with-images", "120"],
+        [
+            *exe,
+            "simulate",
+            "--port",
+            "0",
+            "--per-minute",
+            "0",
+            "--items",
+            "300",
+            "--with-images",
+            "120",
+        ],
         cwd=tmp_path,
     )
     procs.append(sim)
     base = json.loads(sim.wait_for(lambda s: s.startswith('"http'), 30, "simulator URL"))
 
-    # Give every panel something to show: a persistent failure (not_an_image, every pass),
+    # Give every panel something to show: a persistent failure (not_an_image, on every pass:
+    # full_rescan_every = 1 makes each pass a full scan, which retries failed items),
     # one 500 and one 429 (retries), and one url_map item served as an external image.
     items = json.loads(http_get(f"{base}/__sim/items")[1])["items"]
     with_image = [i["item_id"] for i in items if i.get("image_document_id")]
@@ -599,6 +616,7 @@ state_file = "data/state.json"
 [sync]
 interval_seconds = 2
 shutdown_timeout_seconds = 5
+full_rescan_every = 1
 [http]
 listen = "{listen}"
 [log]
@@ -624,7 +642,7 @@ format = "json"
         check=False,
     )
     assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()
-    assert b"zoho_image_sync_image_failures_total{reason=\"not_an_image\"}" in scrape
+    assert b'zoho_image_sync_image_failures_total{reason="not_an_image"}' in scrape
 
     # Prometheus with the shipped config, pointed at this daemon, scraping every second.
     prom_dir = tmp_path / "prometheus"

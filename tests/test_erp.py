@@ -1,0 +1,326 @@
+"""The ERP's own workflows: items file, url_map, audit, export/merge, incremental, Books."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from conftest import SimFactory, run_once
+from test_cli import cli
+from zoho_image_sync.service import Service
+from zoho_image_sync.simulator import Simulator
+from zoho_image_sync.sources import ItemsFileError, iter_json_array
+
+SMALL = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
+
+
+def export_record(sim: Simulator, item: dict[str, Any]) -> dict[str, Any]:
+    """An item in the ERP export's shape (all_zoho_inventory_items.json)."""
+    has = bool(item["image_document_id"])
+    return {
+        "zoho_item_id": item["item_id"],
+        "code": item["sku"],
+        "name_en": item["name"],
+        "name_ar": "اسم",
+        "unit": "pcs",
+        "image_name": item["image_name"],
+        "image_type": item["image_type"],
+        "image_document_id": item["image_document_id"],
+        "image_url": f"{sim.api_url}/items/{item['item_id']}/image" if has else "",
+    }
+
+
+async def test_items_file_downloads_exactly_the_valid_records(
+    make_sim: SimFactory, make_config: Any, tmp_path: Path
+) -> None:
+    sim = await make_sim()  # the full 2,205-item catalogue
+    cdn = await make_sim(items=1)  # another host: no token, per-host limits
+    records = [export_record(sim, it) for it in sim.items]
+    # Some items take their picture from another host, named in image_url.
+    ext_ids = [r["zoho_item_id"] for r in records if r["image_document_id"]][:5]
+    for r in records:
+        if r["zoho_item_id"] in ext_ids:
+            path = cdn.set_external(
+                f"{r['zoho_item_id']}.jpg", sim.image_bytes(r["zoho_item_id"]) or b""
+            )
+            r["image_url"] = cdn.base_url + path
+    # Some have a document id but no URL: the Zoho endpoint is used.
+    no_url = [r for r in records if r["image_document_id"]][10:15]
+    for r in no_url:
+        r["image_url"] = ""
+    bad = [
+        {"name_en": "no id at all", "image_url": "https://example.invalid/x.jpg"},
+        {"zoho_item_id": "BAD-URL-1", "image_url": "ht!tp:/broken"},
+        {"zoho_item_id": "BAD-URL-2", "image_url": "file:///etc/passwd"},
+        {"zoho_item_id": "../../etc", "image_url": f"{sim.api_url}/items/1/image"},
+        records[3],  # a duplicate id
+    ]
+    items_file = tmp_path / "all_zoho_inventory_items.json"
+    items_file.write_text(json.dumps(records[:100] + bad + records[100:], ensure_ascii=False))
+    cfg = make_config(sim, source={"kind": "file", "items_file": str(items_file)})
+    report, code = await run_once(cfg)
+    assert code == 0 and report["status"] == "partial"
+    reasons = sorted(e["reason"] for e in report["errors"])
+    assert reasons == ["bad_item_id", "bad_item_id", "bad_url", "bad_url"]
+    st = report["statistics"]
+    assert st["total"] == 2205 + 4  # the duplicate is not counted twice
+    assert st["new"] == 1605 and st["no_image"] == 600
+    files = {p.stem: p.read_bytes() for p in cfg.storage.images_dir.iterdir()}
+    assert set(files) == set(sim.item_ids_with_images())
+    for item_id, data in files.items():
+        assert data == sim.image_bytes(item_id)
+    # The other host was asked without a token, the Zoho host with one.
+    assert cdn.stats()["requests"].get("external", {}).get("200") == 5
+    assert sim.stats()["requests"]["image"]["200"] == 1600
+    assert not (tmp_path / "etc").exists()
+
+
+async def test_url_map_overrides_zoho_and_a_changed_url_is_a_changed_image(
+    make_sim: SimFactory, make_config: Any, tmp_path: Path
+) -> None:
+    sim = await make_sim(**SMALL)
+    cdn = await make_sim(items=1, seed=7)
+    with_image = sim.item_ids_with_images()[0]
+    without = next(i["item_id"] for i in sim.items if not i["image_document_id"])
+    gif = cdn.image_bytes(cdn.item_ids_with_images()[0]) or b""
+    cdn.set_external("a.jpg", gif)
+    cdn.set_external("b.jpg", gif[::-1][::-1] + b"")
+    url_map = tmp_path / "image_urls.json"
+    url_map.write_text(
+        json.dumps({with_image: cdn.base_url + "/ext/a.jpg", without: cdn.base_url + "/ext/b.jpg"})
+    )
+    cfg = make_config(sim, source={"url_map": str(url_map)})
+    report, _ = await run_once(cfg)
+    assert report["status"] == "success"
+    assert report["statistics"]["new"] == 121
+    image_ids = {r.item_id for r in sim.records if r.endpoint == "image"}
+    assert with_image not in image_ids  # the map wins: Zoho not asked for it
+    assert (cfg.storage.images_dir / f"{with_image}.jpg").read_bytes() == gif
+    assert (cfg.storage.images_dir / f"{without}.jpg").read_bytes() == gif
+    # Same URLs: nothing to do. A new URL: fetched again.
+    cdn.set_external("c.jpg", sim.image_bytes(with_image) or b"")
+    url_map.write_text(
+        json.dumps({with_image: cdn.base_url + "/ext/c.jpg", without: cdn.base_url + "/ext/b.jpg"})
+    )
+    report, _ = await run_once(cfg)
+    assert report["statistics"]["updated"] == 1 and report["statistics"]["unchanged"] == 120
+    assert (cfg.storage.images_dir / f"{with_image}.jpg").read_bytes() == sim.image_bytes(
+        with_image
+    )
+
+
+@pytest.fixture
+async def redirector(make_sim: SimFactory) -> AsyncIterator[tuple[str, Simulator]]:
+    """A host that redirects: to an image, to file:, in a loop."""
+    cdn = await make_sim(items=1, seed=3)
+    data = cdn.image_bytes(cdn.item_ids_with_images()[0]) or b""
+    cdn.set_external("img.jpg", data)
+
+    async def to_image(request: web.Request) -> web.Response:
+        raise web.HTTPFound(cdn.base_url + "/ext/img.jpg")
+
+    async def to_file(request: web.Request) -> web.Response:
+        raise web.HTTPFound("file:///etc/passwd")
+
+    async def loop(request: web.Request) -> web.Response:
+        raise web.HTTPFound(str(request.url))
+
+    app = web.Application()
+    app.router.add_get("/ok", to_image)
+    app.router.add_get("/file", to_file)
+    app.router.add_get("/loop", loop)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}", cdn
+    await runner.cleanup()
+
+
+async def test_redirects_only_to_http_and_at_most_five(
+    make_sim: SimFactory, make_config: Any, tmp_path: Path, redirector: tuple[str, Simulator]
+) -> None:
+    base, cdn = redirector
+    sim = await make_sim(**SMALL)
+    a, b, c = sim.item_ids_with_images()[:3]
+    url_map = tmp_path / "image_urls.json"
+    url_map.write_text(json.dumps({a: base + "/ok", b: base + "/file", c: base + "/loop"}))
+    cfg = make_config(sim, source={"url_map": str(url_map)})
+    report, _ = await run_once(cfg)
+    errors = {e["zoho_item_id"]: e["reason"] for e in report["errors"]}
+    assert errors == {b: "bad_url", c: "bad_url"}
+    assert (cfg.storage.images_dir / f"{a}.jpg").read_bytes() == cdn.image_bytes(
+        cdn.item_ids_with_images()[0]
+    )
+    assert not list(cfg.storage.images_dir.glob(f"{b}.*"))
+
+
+async def test_audit_pages_only_and_matches_the_truth(make_sim: SimFactory, tmp_path: Path) -> None:
+    from conftest import config_doc, write_toml
+
+    sim = await make_sim()
+    cfg = write_toml(tmp_path / "config.toml", config_doc(sim))
+    listing = tmp_path / "missing.csv"
+    proc = await asyncio.to_thread(
+        cli, "-c", str(cfg), "audit", "--list", str(listing), env=_creds()
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["total"] == 2205 and doc["with_image"] == 1605 and doc["without_image"] == 600
+    assert doc["by_type"] == {"jpg": 1583, "png": 22}
+    assert sim.stats()["requests"].keys() == {"token", "items"}
+    assert sim.stats()["requests"]["items"] == {"200": 12}
+    rows = list(csv.DictReader(listing.read_text().splitlines()))
+    truth = {i["item_id"] for i in sim.items if not i["image_document_id"]}
+    assert {r["zoho_item_id"] for r in rows} == truth
+
+
+def _creds() -> dict[str, str]:
+    from conftest import CREDS_ENV
+
+    return dict(CREDS_ENV)
+
+
+async def test_export_merge_changes_only_the_image_fields(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
+    from conftest import config_doc, write_toml
+
+    sim = await make_sim(**SMALL)
+    sim.add_fault("not_found", sim.item_ids_with_images()[2])
+    cfg = write_toml(tmp_path / "config.toml", config_doc(sim))
+    once = await asyncio.to_thread(cli, "-c", str(cfg), "once", env=_creds())
+    assert once.returncode == 0
+    erp = []
+    for n, item in enumerate(sim.items):
+        erp.append(
+            {
+                "zoho_item_id": item["item_id"],
+                "price": n * 1.5,
+                "name_ar": "صنف",
+                "tags": ["a", {"b": n}],
+                "image_path": "images/item/stale.jpg",
+            }
+        )
+    erp.insert(7, {"zoho_item_id": "NOT-IN-ZOHO", "image_path": "keep/me.jpg"})
+    erp_file = tmp_path / "tsh_item_records.json"
+    erp_file.write_text(json.dumps(erp, ensure_ascii=False))
+    out = tmp_path / "merged.json"
+    proc = await asyncio.to_thread(
+        cli, "-c", str(cfg), "export", "--out", str(out), "--merge", str(erp_file)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {
+        "written": 301,
+        "path": str(out),
+        "matched": 300,
+        "unknown": 1,
+    }
+    merged = json.loads(out.read_text())
+    assert [r["zoho_item_id"] for r in merged] == [r["zoho_item_id"] for r in erp]
+    image_keys = {
+        "image_name",
+        "image_document_id",
+        "image_url",
+        "image_path",
+        "image_sha256",
+        "image_bytes",
+        "image_status",
+    }
+    for before, after in zip(erp, merged, strict=True):
+        assert {k: v for k, v in after.items() if k not in image_keys} == {
+            k: v for k, v in before.items() if k not in image_keys
+        }
+    by_id = {r["zoho_item_id"]: r for r in merged}
+    assert by_id["NOT-IN-ZOHO"] == erp[7]
+    ok, none, failed = (
+        sim.item_ids_with_images()[0],
+        next(i["item_id"] for i in sim.items if not i["image_document_id"]),
+        sim.item_ids_with_images()[2],
+    )
+    assert by_id[ok]["image_path"] == f"images/item/{ok}.jpg"
+    assert by_id[none]["image_path"] is None and by_id[none]["image_status"] == "no_image"
+    assert by_id[failed]["image_path"] is None and by_id[failed]["image_status"] == "failed"
+    csv_out = tmp_path / "records.csv"
+    proc = await asyncio.to_thread(
+        cli, "-c", str(cfg), "export", "--out", str(csv_out), "--format", "csv"
+    )
+    assert proc.returncode == 0
+    rows = list(csv.DictReader(csv_out.read_text().splitlines()))
+    assert len(rows) == 300 and {r["zoho_item_id"] for r in rows} == {
+        i["item_id"] for i in sim.items
+    }
+
+
+async def test_incremental_pass_asks_only_for_modified_items(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim()  # 12 pages when read in full
+    cfg = make_config(sim, sync={"full_rescan_every": 3})
+    service = Service(cfg)
+    await service.startup()
+    try:
+        first = await service.run_pass(allow_incremental=True)
+        assert "incremental" not in first
+        ids = sim.item_ids_with_images()
+        sim.set_image(ids[0])
+        sim.remove_image(ids[1])
+        sim.reset_log()
+        second = await service.run_pass(allow_incremental=True)
+        pages = [r for r in sim.records if r.endpoint == "items"]
+        assert len(pages) == 1
+        assert second["incremental"]["api_requests_saved"] == 11
+        st = second["statistics"]
+        assert (st["total"], st["updated"], st["removed"]) == (2, 1, 1)
+        assert st["api_requests"] == 2  # one page, one image
+        assert not list(cfg.storage.images_dir.glob(f"{ids[1]}.*"))
+        assert (cfg.storage.images_dir / f"{ids[0]}.jpg").read_bytes() == sim.image_bytes(ids[0])
+        third = await service.run_pass(allow_incremental=True)
+        assert third["incremental"]["pages"] == 1
+        sim.reset_log()
+        fourth = await service.run_pass(allow_incremental=True)  # 1 full + 2 incremental
+        assert "incremental" not in fourth
+        assert sum(r.endpoint == "items" for r in sim.records) == 12
+    finally:
+        await service.shutdown()
+
+
+async def test_books_endpoint_serves_when_the_inventory_scope_is_missing(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL, image_scope=False)
+    inventory = make_config(sim)
+    report, code = await run_once(inventory)
+    assert code == 0 and report["status"] == "partial"
+    assert {e["reason"] for e in report["errors"]} == {"forbidden"}
+    detail = report["errors"][0]["detail"]
+    assert "ZohoInventory.items.READ" in detail and "image_endpoint = 'books'" in detail
+    books = make_config(sim, zoho={"image_endpoint": "books"})
+    report, code = await run_once(books)
+    assert code == 0 and report["status"] == "success"
+    assert report["statistics"]["new"] == 120
+    assert sim.stats()["requests"]["books_image"]["200"] == 120
+
+
+def test_streaming_parser_handles_chunk_boundaries_and_refuses_garbage(tmp_path: Path) -> None:
+    docs = [
+        {"zoho_item_id": str(i), "name_en": "x" * (i % 50), "n": [i, {"k": "]"}]}
+        for i in range(500)
+    ]
+    p = tmp_path / "items.json"
+    p.write_text(json.dumps(docs, indent=2))
+    assert list(iter_json_array(p, read_bytes=7)) == docs
+    for bad in ("{}", "[1, 2", "[1 2]", '[{"a": }]', ""):
+        p.write_text(bad)
+        with pytest.raises(ItemsFileError):
+            list(iter_json_array(p, read_bytes=3))
+    p.write_text("[]")
+    assert list(iter_json_array(p)) == []
