@@ -274,8 +274,10 @@ def test_systemd_unit_settings() -> None:
 def verify_unit(tmp_path: Path, text: str, name: str = "zoho-image-sync.service") -> str:
     """``systemd-analyze verify`` on a copy whose commands exist on this machine."""
     analyze = tool("systemd-analyze")
-    exe = cli_argv()[0] if len(cli_argv()) == 1 else sys.executable
-    text = text.replace("/opt/zoho-image-sync/.venv/bin/zoho-image-sync", exe)
+    script = Path(sys.executable).parent / "zoho-image-sync"
+    installed = "/opt/zoho-image-sync/.venv/bin/zoho-image-sync"
+    assert installed in text
+    text = text.replace(installed, str(script) if script.exists() else sys.executable)
     kill = shutil.which("kill") or "/bin/kill"
     if not Path("/bin/kill").exists():
         text = text.replace("/bin/kill ", kill + " ")
@@ -642,7 +644,14 @@ format = "json"
         check=False,
     )
     assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()
-    assert b'zoho_image_sync_image_failures_total{reason="not_an_image"}' in scrape
+    # The injected faults really happened, so the panels below show them, not just zeros.
+    for series in (
+        r'zoho_image_sync_image_failures_total\{reason="not_an_image"\}',
+        r'zoho_image_sync_rate_limited_total\{endpoint="image"\}',
+        r'zoho_image_sync_retries_total\{reason="[^"]+"\}',
+        r'zoho_image_sync_external_requests_total\{code="200"\}',
+    ):
+        assert re.search(rf"^{series} [1-9]", scrape.decode(), re.M), series
 
     # Prometheus with the shipped config, pointed at this daemon, scraping every second.
     prom_dir = tmp_path / "prometheus"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import time
 from dataclasses import dataclass
@@ -11,13 +12,17 @@ from typing import Any
 
 import structlog
 
-from .errors import ItemError
+from .errors import ItemError, StorageError
 from .metrics import Metrics
 from .pager import CatalogueItem
 from .storage import ImageSink, sha256_file
 from .zoho import ZohoClient
 
 log = structlog.get_logger(__name__)
+
+DISK_WIDE = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +83,19 @@ async def run_job(job: Job, client: ZohoClient, images_dir: Path, metrics: Metri
     t0 = time.perf_counter()
     metrics.downloads_in_flight.inc()
     try:
-        result = await client.fetch_image(job.url, sink, item.item_id)
         try:
+            result = await client.fetch_image(job.url, sink, item.item_id)
             path = await sink.commit(result.ext)
         except OSError as exc:
-            raise ItemError("write_failed", f"{exc.strerror or exc} ({images_dir})") from None
+            # The client maps every network error (aiohttp's are OSErrors too) into our
+            # tree, so an OSError here comes from the disk: the spill file or the commit.
+            detail = f"{exc.strerror or exc} ({images_dir})"
+            if exc.errno in DISK_WIDE:
+                # Every other item would fail the same way: stop, do not mark them all failed.
+                await sink.discard()
+                metrics.image_failures.labels("write_failed").inc()
+                raise StorageError(f"images folder refuses writes: {detail}") from None
+            raise ItemError("write_failed", detail) from None
     except ItemError as exc:
         await sink.discard()
         metrics.image_failures.labels(exc.reason).inc()

@@ -7,7 +7,8 @@ aiohttp's exceptions into these; everything above them speaks this vocabulary.
     ├── ConfigError          the configuration or credentials are unusable (exit 78)
     │   └── CredentialsError Zoho refused the client id, secret or refresh token
     ├── FatalPassError       the pass cannot complete (exit 1)
-    │   └── ScopeError       a fresh token is still refused (missing scope)
+    │   ├── ScopeError       a fresh token is still refused (missing scope)
+    │   └── StorageError     the disk refuses every write (full, read-only)
     ├── BudgetExhausted      the daily request budget is spent (exit 75)
     ├── Interrupted          a stop was requested (exit 75)
     ├── TransientError       worth retrying with backoff (5xx, reset, timeout, short body)
@@ -72,6 +73,10 @@ class FatalPassError(SyncError):
 
 class ScopeError(FatalPassError):
     """A freshly minted token is still refused: the scope or permission is missing."""
+
+
+class StorageError(FatalPassError):
+    """The images folder cannot take files (full, read-only, no permission): pause the pass."""
 
 
 class BudgetExhausted(SyncError):

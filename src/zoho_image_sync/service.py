@@ -40,7 +40,7 @@ from .metrics import Metrics
 from .notify import Notifier
 from .pager import load_url_map, zoho_pages
 from .sources import file_pages
-from .state import State
+from .state import State, rebuild_from_disk
 from .storage import sweep_temporaries
 from .sync import STAT_KEYS, PageSource, SyncPass
 from .zoho import ZohoClient
@@ -184,6 +184,15 @@ class Service:
         if swept:
             log.info("removed temporaries left by an earlier crash", count=swept)
         self.state = State.open(cfg.storage.state_file)
+        self.state.journaling = True
+        if self.state.recovered_from is not None:
+            adopted = await asyncio.to_thread(rebuild_from_disk, self.state, cfg.storage.images_dir)
+            await self.state.save()
+            log.error(
+                "state rebuilt from the images on disk; they will be verified by download",
+                adopted=adopted,
+                corrupt_copy=str(self.state.recovered_from),
+            )
         self.last_report = self.state.last_pass
         self.url_map = load_url_map(cfg.source.url_map)
         if cfg.source.kind == "file" and not Path(cfg.source.items_file).is_file():
@@ -312,6 +321,8 @@ class Service:
             if self._session is not None:
                 await self._session.close()
                 self._session = None
+            if self.state is not None:
+                self.state.close()
             self._lock.release()
 
     # -- drivers -----------------------------------------------------------

@@ -2,6 +2,13 @@
 
 Entries are treated as immutable: an update replaces the item's dict, so a save
 only needs a shallow copy of ``items`` on the event loop and encodes it in a thread.
+
+Between saves every change is appended to a journal (``state.json.journal``, one JSON
+line per change, an O_APPEND write per line) so a crash loses at most the downloads in
+flight, not the last few seconds of work. A save rotates the journal to ``.journal.1``
+before snapshotting and deletes it once the snapshot is on disk; loading replays
+``.journal.1`` then ``.journal`` over the snapshot (replays are idempotent), ignoring a
+torn last line.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -41,6 +49,69 @@ class State:
         self.recovered_from: Path | None = None
         self._save_lock = asyncio.Lock()
         self.last_save_seconds = 0.0
+        self._journal_fd: int | None = None
+        self.journaling = False
+
+    @property
+    def journal_path(self) -> Path:
+        """Changes since the last snapshot."""
+        return self.path.with_name(self.path.name + ".journal")
+
+    @property
+    def _rotated_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".journal.1")
+
+    def _append(self, record: dict[str, Any]) -> None:
+        if not self.journaling:
+            return
+        if self._journal_fd is None:
+            self._journal_fd = os.open(
+                self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+            )
+        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
+        os.write(self._journal_fd, line.encode("utf-8"))
+
+    def _rotate(self) -> None:
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
+        with contextlib.suppress(FileNotFoundError):
+            if self._rotated_path.exists():
+                # An earlier save failed after rotating: keep both generations in order.
+                with self._rotated_path.open("ab") as old:
+                    old.write(self.journal_path.read_bytes())
+                self.journal_path.unlink()
+            else:
+                self.journal_path.replace(self._rotated_path)
+
+    def close(self) -> None:
+        """Close the journal file."""
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
+
+    def _replay(self) -> int:
+        replayed = 0
+        for path in (self._rotated_path, self.journal_path):
+            try:
+                lines = path.read_bytes().splitlines()
+            except FileNotFoundError:
+                continue
+            for raw in lines:
+                try:
+                    rec = json.loads(raw)
+                    item_id = rec["id"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line from a crash mid-write
+                entry = rec.get("entry")
+                if entry is None:
+                    self.items.pop(item_id, None)
+                elif isinstance(entry, dict) and entry.get("status") in STATUSES:
+                    self.items[item_id] = entry
+                replayed += 1
+        if replayed:
+            self.dirty += replayed
+        return replayed
 
     # -- reading -----------------------------------------------------------------
 
@@ -51,6 +122,7 @@ class State:
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
+            state._replay()
             return state
         try:
             doc = json.loads(raw)
@@ -66,6 +138,7 @@ class State:
         state.last_pass = last if isinstance(last, dict) else None
         meta = doc.get("meta")
         state.meta = meta if isinstance(meta, dict) else {}
+        state._replay()
         return state
 
     @classmethod
@@ -82,6 +155,9 @@ class State:
                 kept_as=str(aside),
             )
             state = cls(path)
+            for journal in (state._rotated_path, state.journal_path):
+                with contextlib.suppress(FileNotFoundError):
+                    journal.replace(journal.with_name(f"{journal.name}.{aside.name}"))
             state.recovered_from = aside
             return state
 
@@ -97,12 +173,14 @@ class State:
         entry = {**old, **fields, "updated_at": round(time.time(), 3)}
         self.items[item_id] = entry
         self.dirty += 1
+        self._append({"id": item_id, "entry": entry})
         return entry
 
     def drop(self, item_id: str) -> None:
         """Forget an item."""
         if self.items.pop(item_id, None) is not None:
             self.dirty += 1
+            self._append({"id": item_id, "entry": None})
 
     def counts(self) -> dict[str, int]:
         """How many items are in each status."""
@@ -123,6 +201,7 @@ class State:
         """Write the checkpoint atomically; the encoding happens off the event loop."""
         async with self._save_lock:
             doc = self._document()
+            self._rotate()
             self.dirty = 0
             t0 = time.perf_counter()
             try:
@@ -130,16 +209,51 @@ class State:
             except BaseException:
                 self.dirty += 1
                 raise
+            with contextlib.suppress(FileNotFoundError):
+                self._rotated_path.unlink()
             self.last_save_seconds = time.perf_counter() - t0
 
     def save_sync(self) -> None:
         """Write the checkpoint from synchronous code (commands that do not loop)."""
-        self._write(self._document())
+        doc = self._document()
+        self._rotate()
+        self._write(doc)
+        with contextlib.suppress(FileNotFoundError):
+            self._rotated_path.unlink()
         self.dirty = 0
 
     def _write(self, doc: dict[str, Any]) -> None:
         data = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         write_bytes_atomic(self.path, data, mode=0o600)
+
+
+def rebuild_from_disk(state: State, images_dir: Path) -> int:
+    """Adopt the images found on disk after the state was lost (blocking; hashes each file).
+
+    Their identity is unknown, so the next pass fetches them again and replaces each file
+    atomically: nothing is lost meanwhile, and the ERP keeps reading the old bytes.
+    """
+    from .storage import EXTENSIONS, sha256_file, valid_item_id
+
+    adopted = 0
+    for path in sorted(images_dir.iterdir()):
+        item_id, dot, ext = path.name.rpartition(".")
+        if not dot or ext not in EXTENSIONS or not valid_item_id(item_id) or not path.is_file():
+            continue
+        st = path.stat()
+        state.put(
+            item_id,
+            status="downloaded",
+            path=str(path),
+            ext=ext,
+            sha256=sha256_file(path),
+            bytes=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            identity=None,
+            rebuilt=True,
+        )
+        adopted += 1
+    return adopted
 
 
 def read_json_or_none(path: Path) -> Any:

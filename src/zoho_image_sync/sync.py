@@ -24,6 +24,7 @@ from .errors import (
     BudgetExhausted,
     ConfigError,
     FatalPassError,
+    StorageError,
     SyncError,
     TokenUnavailable,
 )
@@ -365,6 +366,14 @@ class SyncPass:
             except BudgetExhausted:
                 log.warning("daily request budget spent; stopping the pass")
                 self._halt("daily_budget")
+            except StorageError as exc:
+                log.error(
+                    "pausing: the images folder refuses writes",
+                    error=str(exc),
+                    item_id=job.item.item_id,
+                )
+                self._error(job.item.item_id, "write_failed", str(exc))
+                self._halt(fatal=exc)
             except (FatalPassError, ConfigError, TokenUnavailable) as exc:
                 log.error("the pass cannot complete", error=str(exc), item_id=job.item.item_id)
                 self._halt(fatal=exc)
