@@ -324,3 +324,23 @@ def test_streaming_parser_handles_chunk_boundaries_and_refuses_garbage(tmp_path:
             list(iter_json_array(p, read_bytes=3))
     p.write_text("[]")
     assert list(iter_json_array(p)) == []
+
+
+async def test_incremental_pass_retries_failed_items(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    victim = sim.item_ids_with_images()[4]
+    sim.add_fault("status", victim, times=3, status=500)
+    cfg = make_config(sim, download={"max_attempts": 3})
+    service = Service(cfg)
+    await service.startup()
+    try:
+        first = await service.run_pass(allow_incremental=True)
+        assert [e["zoho_item_id"] for e in first["errors"]] == [victim]
+        second = await service.run_pass(allow_incremental=True)
+        assert second["incremental"]["pages"] == 1  # nothing modified in Zoho...
+        assert second["statistics"]["new"] == 1  # ...but the failed item was tried again
+        assert second["status"] == "success"
+    finally:
+        await service.shutdown()

@@ -86,3 +86,17 @@ async def test_sink_discard_leaves_nothing(tmp_path: Path) -> None:
     await sink.write(b"0123456789abcdef")
     await sink.discard()
     assert list(tmp_path.iterdir()) == []
+
+
+async def test_small_and_spilled_images_get_the_same_mode(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        modes = []
+        for name, size in (("small", 500), ("large", 5000)):
+            sink = ImageSink(tmp_path, name, spill_bytes=1000)
+            await sink.write(b"\xff\xd8\xff" + os.urandom(size))
+            final = await sink.commit("jpg")
+            modes.append(final.stat().st_mode & 0o777)
+    finally:
+        os.umask(old)
+    assert modes == [0o644, 0o644]

@@ -233,6 +233,11 @@ class Service:
         self.client = ZohoClient(self._session, cfg, self.tokens, self.gate, hosts, self.metrics)
         self.metrics.set_item_counts(self.state.counts())
         self.metrics.daily_budget_remaining.set(budget.remaining)
+        last = self.state.last_pass
+        if last and last.get("status") in ("success", "partial") and last.get("finished_at"):
+            # Survive restarts: dashboards and alerts read the last success from here.
+            self.metrics.last_pass_success.set(float(last["finished_at"]))
+            self.metrics.last_pass_images.set(last["statistics"].get("images_downloaded", 0))
         self.metrics.workers.set(cfg.download.workers)
 
     async def run_pass(self, allow_incremental: bool = False) -> dict[str, Any]:

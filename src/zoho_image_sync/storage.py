@@ -192,6 +192,8 @@ class ImageSink:
                 await asyncio.to_thread(os.fsync, f.fileno())
             finally:
                 await f.close()
+            # The same mode as the small-image path, whatever the umask: the ERP reads these.
+            await asyncio.to_thread(os.chmod, tmp, 0o644)
             await aiofiles.os.replace(tmp, final)
             self._tmp = None
             await asyncio.to_thread(fsync_dir, self.images_dir)

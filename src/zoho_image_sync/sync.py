@@ -242,6 +242,8 @@ class SyncPass:
                     await self._plan(item)
                 self.progress.pages_done = page
                 self.metrics.pass_progress.set(self.progress.items_seen)
+            if not self.full_scan:
+                await self._retry_unlisted()
             self._complete = not self._stop.is_set()
             self.progress.catalogue_done = True
         except BudgetExhausted as exc:
@@ -320,6 +322,30 @@ class SyncPass:
                 await self._put(Job(item, url, identity, prev, verify_only=True))
                 return
         await self._put(Job(item, url, identity, prev))
+
+    async def _retry_unlisted(self) -> None:
+        """Incremental passes list only modified items: retry our failed and pending ones too."""
+        again = [
+            (item_id, dict(e))
+            for item_id, e in self.state.items.items()
+            if item_id not in self._seen and e.get("status") in ("failed", "pending")
+        ]
+        for item_id, e in again:
+            if self._stop.is_set():
+                return
+            url = e.get("image_url") or ""
+            from_map = item_id in self.url_map
+            await self._plan(
+                CatalogueItem(
+                    item_id=item_id,
+                    name=e.get("name") or "",
+                    sku=e.get("sku") or "",
+                    image_name=e.get("image_name") or "",
+                    image_type=e.get("image_type") or "",
+                    image_document_id=e.get("image_document_id") or "",
+                    image_url="" if from_map else url,
+                )
+            )
 
     def _refresh_facts(
         self, item: CatalogueItem, prev: dict[str, Any], identity: str, url: str

@@ -1,0 +1,299 @@
+"""The worst days: crashes, corrupt state, a full disk, dead tokens, slow servers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import CREDS_ENV, SimFactory, assert_mirror, config_doc, run_once, write_toml
+from daemon_harness import Daemon, free_port, get_json, scrape
+
+SMALL = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
+EXE = [sys.executable, "-m", "zoho_image_sync"]
+
+
+def check_folder(images: Path, state_file: Path) -> dict[str, Any]:
+    """Every file at a final name is complete and recorded with its sha256; no temporaries."""
+    from zoho_image_sync.state import State
+
+    state = State.read(state_file)
+    files = sorted(images.iterdir()) if images.exists() else []
+    assert not [f.name for f in files if f.name.startswith(".")]
+    recorded = {
+        Path(e["path"]).name: e for e in state.items.values() if e["status"] == "downloaded"
+    }
+    for f in files:
+        assert f.name in recorded, f"{f.name} on disk but not in the state"
+        assert hashlib.sha256(f.read_bytes()).hexdigest() == recorded[f.name]["sha256"]
+    return dict(state.items)
+
+
+@pytest.mark.timeout(120)
+async def test_sigkill_at_random_points_loses_nothing(make_sim: SimFactory, tmp_path: Path) -> None:
+    sim = await make_sim(**SMALL, latency=0.01)
+    cfg = write_toml(tmp_path / "config.toml", config_doc(sim, download={"workers": 4}))
+    images, state_file = tmp_path / "data" / "images" / "item", tmp_path / "data" / "state.json"
+    env = {**os.environ, **CREDS_ENV}
+    rng = random.Random(20261204)
+    kills = sorted(rng.sample(range(5, 110), 5))
+    in_flight_at_kill = []
+    for at in kills:
+        proc = await asyncio.create_subprocess_exec(
+            *EXE,
+            "-c",
+            str(cfg),
+            "once",
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await sim.wait_api_requests(at)
+        in_flight_at_kill.append(sim.in_flight)
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        # Whatever stands at a final name is complete: exactly the bytes served.
+        for f in images.iterdir() if images.exists() else []:
+            if not f.name.startswith(".zis-tmp-"):
+                assert f.read_bytes() == sim.image_bytes(f.stem), f.name
+    final = await asyncio.create_subprocess_exec(
+        *EXE,
+        "-c",
+        str(cfg),
+        "once",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await final.communicate()
+    assert final.returncode == 0
+    assert json.loads(out)["status"] == "success"
+    assert_mirror(sim, images)
+    check_folder(images, state_file)
+    served = [r.item_id for r in sim.records if r.endpoint == "image" and r.status == 200]
+    extra = len(served) - 120
+    # Each kill may cost the downloads that were in flight (served but not yet recorded).
+    assert 0 <= extra <= 4 * len(kills), (extra, in_flight_at_kill)
+
+
+async def test_corrupt_state_is_set_aside_and_rebuilt(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    before = {p.name: p.read_bytes() for p in cfg.storage.images_dir.iterdir()}
+    garbage = cfg.storage.state_file.read_bytes()[:5000]  # truncated mid-document
+    cfg.storage.state_file.write_bytes(garbage)
+    report, code = await run_once(cfg)
+    assert code == 0 and report["status"] == "success"
+    kept = list(cfg.storage.state_file.parent.glob("state.json.corrupt-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == garbage
+    # Nothing lost: every image is still there with the same bytes, now recorded again.
+    assert {p.name: p.read_bytes() for p in cfg.storage.images_dir.iterdir()} == before
+    assert report["statistics"]["updated"] == 120  # verified by downloading, not trusted
+    check_folder(cfg.storage.images_dir, cfg.storage.state_file)
+
+
+async def test_journal_keeps_downloads_done_since_the_last_save(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    from zoho_image_sync.state import State
+
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    state = State(cfg.storage.state_file)
+    state.journaling = True
+    cfg.storage.state_file.parent.mkdir(parents=True)
+    state.put("A1", status="downloaded", path="/x/A1.jpg", sha256="00")
+    state.save_sync()
+    state.put("B2", status="downloaded", path="/x/B2.jpg", sha256="11")
+    state.put("A1", status="no_image", path=None)
+    state.close()
+    # A torn line at the end, as a crash mid-write leaves it.
+    with state.journal_path.open("ab") as f:
+        f.write(b'{"id": "C3", "entry": {"sta')
+    again = State.read(cfg.storage.state_file)
+    assert again.items["B2"]["status"] == "downloaded"
+    assert again.items["A1"]["status"] == "no_image"
+    assert "C3" not in again.items
+
+
+def _unshare_available() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    import subprocess
+
+    probe = subprocess.run(["unshare", "-Urm", "true"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _unshare_available(), reason="needs unshare -Urm (user+mount namespace)")
+async def test_full_disk_pauses_the_pass_and_a_later_run_finishes(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
+    sim = await make_sim(items=100, with_images=60, min_image_bytes=30000, max_image_bytes=40000)
+    cfg = write_toml(tmp_path / "config.toml", config_doc(sim, download={"workers": 2}))
+    images = tmp_path / "data" / "images" / "item"
+    images.mkdir(parents=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    # A 400 KB tmpfs as the images folder, in a private mount namespace: a real ENOSPC.
+    script = (
+        f"mount -t tmpfs -o size=400k tmpfs {images} && "
+        f"{sys.executable} -m zoho_image_sync -c {cfg} once > {out}/report.json; "
+        f"echo $? > {out}/rc; ls -a {images} > {out}/listing; "
+        f"cd {images} && sha256sum -- * > {out}/sums 2>/dev/null; true"
+    )
+    env = {**os.environ, **CREDS_ENV}
+    proc = await asyncio.create_subprocess_exec(
+        "unshare",
+        "-Urm",
+        "sh",
+        "-c",
+        script,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    assert (out / "rc").read_text().strip() == "1", err.decode()[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "failed" and "refuses writes" in report["reason"]
+    assert "No space left" in report["reason"]
+    listing = (out / "listing").read_text().split()
+    assert not [n for n in listing if n.startswith(".zis-tmp")]
+    from zoho_image_sync.state import State
+
+    state = State.read(tmp_path / "data" / "state.json")
+    sums: dict[str, str] = {}
+    for line in (out / "sums").read_text().splitlines():
+        digest, name = line.split()
+        sums[name] = digest
+    downloaded = {k: v for k, v in state.items.items() if v["status"] == "downloaded"}
+    assert 0 < len(downloaded) < 60
+    assert {Path(v["path"]).name: v["sha256"] for v in downloaded.values()} == sums
+    # Only the item that met the full disk is marked failed, not the rest of the catalogue.
+    assert sum(v["status"] == "failed" for v in state.items.values()) <= 2
+    # With room again, the next run finishes the job.
+    again = await asyncio.create_subprocess_exec(
+        *EXE,
+        "-c",
+        str(cfg),
+        "once",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out2, _ = await again.communicate()
+    assert again.returncode == 0 and json.loads(out2)["statistics"]["errors"] == 0
+    assert_mirror(sim, images)
+
+
+async def test_timeouts_are_retried_then_fail_the_item(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    slow, flaky = sim.item_ids_with_images()[:2]
+    sim.add_fault("slow", slow, delay=5)
+    sim.add_fault("slow", flaky, times=1, delay=5)
+    cfg = make_config(sim, download={"timeout_seconds": 0.3, "max_attempts": 2})
+    report, code = await run_once(cfg)
+    assert code == 0
+    assert report["errors"] == [
+        {"zoho_item_id": slow, "reason": "retries_exhausted", "detail": "2 attempts, last: timeout"}
+    ]
+    assert (cfg.storage.images_dir / f"{flaky}.jpg").read_bytes() == sim.image_bytes(flaky)
+    sim.release_slow()
+
+
+async def test_attachment_not_found_as_400(make_sim: SimFactory, make_config: Any) -> None:
+    sim = await make_sim(**SMALL, not_found_style="400")
+    victim = sim.item_ids_with_images()[9]
+    sim.add_fault("not_found", victim)
+    report, _ = await run_once(make_config(sim))
+    assert [(e["zoho_item_id"], e["reason"]) for e in report["errors"]] == [
+        (victim, "image_not_found")
+    ]
+    assert "Attachment not found" in report["errors"][0]["detail"]
+
+
+async def test_token_endpoint_down_fails_once_with_exit_1(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    sim.token_fault("error500")
+    report, code = await run_once(make_config(sim))
+    assert code == 1 and report["status"] == "failed"
+    assert "unreachable" in report["reason"]
+    # A bounded number of tries, not a loop.
+    assert sim.stats()["requests"]["token"] == {"500": 3}
+
+
+@pytest.mark.parametrize("fault", ["invalid_code", "throttle"])
+async def test_daemon_stays_up_unready_when_the_token_is_refused(
+    make_sim: SimFactory, tmp_path: Path, fault: str
+) -> None:
+    sim = await make_sim(**SMALL)
+    sim.token_fault(fault)
+    port = free_port()
+    cfg = write_toml(
+        tmp_path / "config.toml", config_doc(sim, http={"listen": f"127.0.0.1:{port}"})
+    )
+    d = Daemon(cfg, tmp_path)
+    await d.start()
+    try:
+        await d.wait_for("READY=1")
+        await d.wait_for("STATUS=last pass failed")
+        status, body = await get_json(port, "/readyz")
+        assert status == 503 and body["ready"] is False
+        m = await scrape(port)
+        result = "error" if fault == "invalid_code" else "throttled"
+        assert m[("zoho_image_sync_token_refreshes_total", (("result", result),))] == 1
+        assert m[("zoho_image_sync_ready", ())] == 0
+        status, _ = await get_json(port, "/healthz")
+        assert status == 200
+        # One call to the token endpoint, not a loop.
+        assert sim.stats()["requests"]["token"] == {"200": 1}
+        d.signal(signal.SIGTERM)
+        assert await d.wait() == 0
+    finally:
+        await d.stop()
+    needle = b"zoho.refresh_token" if fault == "invalid_code" else b"throttled"
+    assert needle in d.stderr
+
+
+async def test_secrets_never_reach_state_metrics_or_endpoints(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
+    sim = await make_sim(**SMALL)
+    port = free_port()
+    doc = config_doc(sim, http={"listen": f"127.0.0.1:{port}"}, log={"level": "debug"})
+    cfg = write_toml(tmp_path / "config.toml", doc)
+    d = Daemon(cfg, tmp_path)
+    await d.start()
+    try:
+        await d.wait_for("STATUS=last pass success")
+        texts = []
+        for path in ("/state", "/readyz", "/healthz"):
+            texts.append(json.dumps((await get_json(port, path))[1]))
+        texts.append(repr(await scrape(port)))
+        d.signal(signal.SIGTERM)
+        await d.wait()
+    finally:
+        await d.stop()
+    token = json.loads((tmp_path / "data" / "token.json").read_text())["access_token"]
+    texts += [d.stderr.decode(), (tmp_path / "data" / "state.json").read_text()]
+    for text in texts:
+        for secret in [*CREDS_ENV.values(), token]:
+            assert secret not in text
+    assert oct((tmp_path / "data" / "token.json").stat().st_mode & 0o777) == "0o600"
