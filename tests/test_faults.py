@@ -297,3 +297,40 @@ async def test_secrets_never_reach_state_metrics_or_endpoints(
         for secret in [*CREDS_ENV.values(), token]:
             assert secret not in text
     assert oct((tmp_path / "data" / "token.json").stat().st_mode & 0o777) == "0o600"
+
+
+async def test_daemon_sleeps_when_zoho_says_the_day_is_spent(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
+    from zoho_image_sync.limits import next_utc_midnight
+
+    sim = await make_sim(**SMALL, daily_limit=40)
+    port = free_port()
+    cfg = write_toml(
+        tmp_path / "config.toml",
+        config_doc(sim, http={"listen": f"127.0.0.1:{port}"}, sync={"interval_seconds": 1}),
+    )
+    d = Daemon(cfg, tmp_path)
+    await d.start()
+    try:
+        await d.wait_for("STATUS=last pass interrupted")
+        status, state = await get_json(port, "/state")
+        assert state["last_report"]["reason"] == "daily_budget"
+        assert state["budget_resumes_at"] == next_utc_midnight(state["last_report"]["finished_at"])
+        assert state["daily_budget_remaining"] == 0
+        m = await scrape(port)
+        assert m[("zoho_image_sync_daily_budget_remaining", ())] == 0
+        status, _ = await get_json(port, "/readyz")
+        assert status == 200  # spending the budget is not a failure
+        spent = sim.stats()["api_requests"]
+        assert spent <= 40 + 10
+        # interval_seconds is 1, yet no new pass starts before the reset: a second
+        # /state read after a reload (which re-schedules) still shows no new request.
+        d.signal(signal.SIGHUP)
+        await d.wait_for("READY=1")
+        status, state = await get_json(port, "/state")
+        assert state["pass"] is None and sim.stats()["api_requests"] == spent
+        d.signal(signal.SIGTERM)
+        assert await d.wait() == 0
+    finally:
+        await d.stop()

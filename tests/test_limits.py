@@ -91,3 +91,18 @@ def test_daily_budget_rolls_over_at_utc_midnight() -> None:
     assert b.remaining == 2
     b.exhaust()
     assert b.remaining == 0
+
+
+def test_budget_day_starts_at_the_configured_utc_hour() -> None:
+    import datetime as dt
+
+    t = dt.datetime(2026, 12, 4, 21, 30, tzinfo=dt.UTC).timestamp()
+    assert next_utc_midnight(t) == dt.datetime(2026, 12, 5, tzinfo=dt.UTC).timestamp()
+    assert next_utc_midnight(t, 22) == dt.datetime(2026, 12, 4, 22, tzinfo=dt.UTC).timestamp()
+    assert next_utc_midnight(t, 8) == dt.datetime(2026, 12, 5, 8, tzinfo=dt.UTC).timestamp()
+    now = [t]
+    b = DailyBudget(1, wall=lambda: now[0], reset_hour=22)
+    b.take()
+    assert b.remaining == 0
+    now[0] = dt.datetime(2026, 12, 4, 22, 0, 1, tzinfo=dt.UTC).timestamp()
+    assert b.remaining == 1

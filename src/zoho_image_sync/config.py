@@ -132,6 +132,7 @@ class LimitsConfig:
     daily_request_budget: int = _spec(int, 1, 1_000_000_000)
     per_host_requests_per_second: float = _spec(float, 0.01, 100_000)
     per_host_concurrency: int = _spec(int, 1, 1000)
+    daily_budget_reset_hour_utc: int = _spec(int, 0, 23)
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ DEFAULTS: Final[dict[str, dict[str, Any]]] = {
         "daily_request_budget": 5000,
         "per_host_requests_per_second": 10.0,
         "per_host_concurrency": 8,
+        "daily_budget_reset_hour_utc": 0,
     },
     "download": {
         "workers": 8,

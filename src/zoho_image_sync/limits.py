@@ -112,27 +112,38 @@ class Slots:
                 self._cond.notify()
 
 
-def next_utc_midnight(now: float) -> float:
-    """The epoch time at which the next UTC day starts."""
-    today = dt.datetime.fromtimestamp(now, dt.UTC).date()
-    tomorrow = dt.datetime.combine(today + dt.timedelta(days=1), dt.time(), dt.UTC)
-    return tomorrow.timestamp()
+def next_utc_midnight(now: float, hour: int = 0) -> float:
+    """The epoch time of the next budget reset: ``hour``:00 UTC (midnight by default)."""
+    shifted = dt.datetime.fromtimestamp(now - hour * 3600, dt.UTC).date()
+    start = dt.datetime.combine(shifted + dt.timedelta(days=1), dt.time(), dt.UTC)
+    return start.timestamp() + hour * 3600
 
 
 class DailyBudget:
-    """Our own count of Zoho API requests per UTC day, and Zoho's word (code 45)."""
+    """Our own count of Zoho API requests per budget day, and Zoho's word (code 45).
+
+    A budget day starts at ``reset_hour``:00 UTC (Zoho's day for the organisation; midnight
+    UTC unless configured otherwise).
+    """
 
     def __init__(
-        self, limit: int, wall: Callable[[], float] = time.time, spent: int = 0, day: str = ""
+        self,
+        limit: int,
+        wall: Callable[[], float] = time.time,
+        spent: int = 0,
+        day: str = "",
+        reset_hour: int = 0,
     ) -> None:
         self.limit = limit
         self.wall = wall
+        self.reset_hour = reset_hour
         self.day = day or self._today()
         self.spent = spent if day == self._today() or not day else 0
         self.exhausted_until: float | None = None
 
     def _today(self) -> str:
-        return dt.datetime.fromtimestamp(self.wall(), dt.UTC).date().isoformat()
+        shifted = self.wall() - self.reset_hour * 3600
+        return dt.datetime.fromtimestamp(shifted, dt.UTC).date().isoformat()
 
     def _roll(self) -> None:
         today = self._today()
@@ -140,6 +151,10 @@ class DailyBudget:
             self.day, self.spent = today, 0
         if self.exhausted_until is not None and self.wall() >= self.exhausted_until:
             self.exhausted_until = None
+
+    def next_reset(self) -> float:
+        """When the current budget day ends."""
+        return next_utc_midnight(self.wall(), self.reset_hour)
 
     @property
     def remaining(self) -> int:
@@ -153,13 +168,13 @@ class DailyBudget:
         """Count one request, or raise BudgetExhausted when none is left."""
         self._roll()
         if self.exhausted_until is not None or self.spent >= self.limit:
-            resume = self.exhausted_until or next_utc_midnight(self.wall())
+            resume = self.exhausted_until or self.next_reset()
             raise BudgetExhausted("daily request budget spent", resume_at=resume)
         self.spent += 1
 
     def exhaust(self) -> float:
-        """Zoho answered code 45: nothing more until the next UTC day."""
-        self.exhausted_until = next_utc_midnight(self.wall())
+        """Zoho answered code 45: nothing more until the budget day resets."""
+        self.exhausted_until = self.next_reset()
         return self.exhausted_until
 
 

@@ -33,7 +33,7 @@ from .errors import (
     TokenUnavailable,
 )
 from .http import build_app
-from .limits import ApiGate, DailyBudget, HostGate, next_utc_midnight
+from .limits import ApiGate, DailyBudget, HostGate
 from .logsetup import Redactor
 from .logsetup import configure as configure_logging
 from .metrics import Metrics
@@ -202,6 +202,7 @@ class Service:
             cfg.limits.daily_request_budget,
             spent=int(budget_meta.get("spent", 0)),
             day=str(budget_meta.get("day", "")),
+            reset_hour=cfg.limits.daily_budget_reset_hour_utc,
         )
         self.gate = ApiGate(
             cfg.limits.requests_per_minute,
@@ -425,7 +426,7 @@ class Daemon(Service):
                     wait = min(wait, 30.0 * 2 ** min(failures - 1, 6))
                 log.error("pass failed", reason=self.pass_failed, retry_in=round(wait))
             elif report.get("reason") == "daily_budget" and self.gate is not None:
-                resume = self.gate.budget.exhausted_until or next_utc_midnight(time.time())
+                resume = self.gate.budget.exhausted_until or self.gate.budget.next_reset()
                 self.budget_resume_at = resume
                 wait = max(resume - time.time(), 1.0)
                 log.warning(
@@ -505,6 +506,7 @@ class Daemon(Service):
         if self.client is not None:
             self.client.config = new
         if self.gate is not None:
+            self.gate.budget.reset_hour = new.limits.daily_budget_reset_hour_utc
             await self.gate.reconfigure(
                 new.limits.requests_per_minute,
                 new.limits.max_concurrent_requests,
