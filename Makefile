@@ -40,3 +40,7 @@ bench: $(DEV_STAMP)
 
 clean:
 	rm -rf $(VENV) data demo-data .pytest_cache .mypy_cache .ruff_cache
+
+SOAK_SECONDS ?= 600
+soak: $(DEV_STAMP)
+	$(BIN)/python tools/soak.py --seconds $(SOAK_SECONDS)
