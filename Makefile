@@ -28,6 +28,8 @@ demo: $(STAMP)
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q
+	# The in-process pipeline once more with asyncio's debug mode (STYLE.md).
+	PYTHONASYNCIODEBUG=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_pipeline.py
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests tools

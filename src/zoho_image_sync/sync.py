@@ -385,7 +385,9 @@ class SyncPass:
                     continue
                 self.progress.in_flight += 1
                 try:
-                    outcome = await run_job(job, self.client, self.images_dir, self.metrics)
+                    # Every log line about this item (retries, 429s) carries its id.
+                    with structlog.contextvars.bound_contextvars(item_id=job.item.item_id):
+                        outcome = await run_job(job, self.client, self.images_dir, self.metrics)
                 finally:
                     self.progress.in_flight -= 1
                 self._record(job, outcome)
