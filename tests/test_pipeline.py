@@ -201,10 +201,10 @@ async def test_magic_number_decides_the_extension(make_sim: SimFactory, make_con
 
 
 @pytest.mark.parametrize(
-    "bad_id", ["../../escape", "a/b", "..", "x" * 200, "nul\x00byte", "", "sp ace"]
+    "bad_id", ["../../escape", "a/b", "..", "x" * 200, "nul\x00byte", "", "sp ace", None, True]
 )
 async def test_hostile_item_ids_are_refused(
-    make_sim: SimFactory, make_config: Any, tmp_path: Path, bad_id: str
+    make_sim: SimFactory, make_config: Any, tmp_path: Path, bad_id: object
 ) -> None:
     sim = await make_sim(**SMALL)
     victim = sim.item_ids_with_images()[3]

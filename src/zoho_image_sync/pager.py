@@ -38,9 +38,11 @@ class CatalogueItem:
     @classmethod
     def from_zoho(cls, raw: Mapping[str, Any]) -> CatalogueItem:
         """From an item of the Inventory items list (or the ERP's export shape)."""
-        item_id = raw.get("item_id", raw.get("zoho_item_id", ""))
+        item_id = raw.get("item_id", raw.get("zoho_item_id"))
+        if isinstance(item_id, bool) or not isinstance(item_id, str | int):
+            item_id = ""  # missing, null, or not an id at all: refused as bad_item_id
         return cls(
-            item_id=item_id if isinstance(item_id, str) else str(item_id),
+            item_id=str(item_id),
             name=_text(raw.get("name", raw.get("name_en"))),
             sku=_text(raw.get("sku", raw.get("code"))),
             image_name=_text(raw.get("image_name")),

@@ -41,6 +41,8 @@ CHUNK: Final = 64 * 1024
 MAX_REDIRECTS: Final = 5
 NOT_AN_IMAGE_TYPES: Final = ("application/json", "text/html", "text/plain", "text/xml")
 MAX_429_RETRIES: Final = 20
+# 200 items are ~100 KB of JSON; a page a hundred times that is not one Zoho sends.
+MAX_PAGE_BYTES: Final = 16 * 1024 * 1024
 
 
 @dataclass
@@ -111,9 +113,14 @@ class ZohoClient:
         params = {"page": str(page), "per_page": str(per_page), **(extra or {})}
 
         async def handle(resp: aiohttp.ClientResponse) -> tuple[list[Any], bool]:
+            raw = await resp.content.read(MAX_PAGE_BYTES + 1)
+            if len(raw) > MAX_PAGE_BYTES:
+                raise FatalPassError(
+                    f"items page {page}: body larger than {MAX_PAGE_BYTES} bytes; refused"
+                )
             try:
-                body = await resp.json(content_type=None)
-            except (json.JSONDecodeError, UnicodeDecodeError, aiohttp.ContentTypeError):
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 raise TransientError(f"items page {page}: HTTP {resp.status}, not JSON") from None
             if resp.status != 200 or not isinstance(body, dict) or body.get("code") != 0:
                 code = body.get("code") if isinstance(body, dict) else None
