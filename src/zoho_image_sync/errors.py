@@ -19,7 +19,7 @@ aiohttp's exceptions into these; everything above them speaks this vocabulary.
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 EX_OK: Final = 0
 EX_FAILED: Final = 1
@@ -37,17 +37,7 @@ Reason = Literal[
     "write_failed",
     "forbidden",
 ]
-REASONS: Final[tuple[Reason, ...]] = (
-    "bad_item_id",
-    "bad_url",
-    "image_not_found",
-    "not_an_image",
-    "empty_body",
-    "too_large",
-    "retries_exhausted",
-    "write_failed",
-    "forbidden",
-)
+REASONS: Final[tuple[Reason, ...]] = get_args(Reason)
 
 
 class SyncError(Exception):
