@@ -36,9 +36,13 @@ lint: $(DEV_STAMP)
 	$(BIN)/ruff format --check src tests tools
 	$(BIN)/mypy
 
+# make bench: every scenario (about 15 minutes); make bench BENCH=quick skips the
+# two-minute rate-limited pass. Writes bench/RESULTS.md (see bench/README.md).
+BENCH ?=
 bench: $(DEV_STAMP)
-	@echo "make bench: the benchmark harness (issue 5) is not built yet." >&2
-	@exit 2
+	sh bench/install-tools.sh $(BIN)
+	BENCH_COMMAND="make bench$(if $(BENCH), BENCH=$(BENCH))" \
+		$(BIN)/python -m bench.run $(if $(filter quick,$(BENCH)),--quick)
 
 clean:
 	rm -rf $(VENV) data demo-data .pytest_cache .mypy_cache .ruff_cache

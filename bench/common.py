@@ -1,9 +1,9 @@
 """Process measurement and small statistics helpers shared by the scenarios.
 
-Every contender runs as its own child process; ``run_measured`` reaps it with
-``os.wait4`` so its user/sys CPU time and peak RSS come straight from the kernel
-(the same numbers ``/usr/bin/time -v`` prints), and can sample its CPU time from
-``/proc/PID/stat`` while it runs.
+Every contender runs as its own child process under GNU time; ``run_measured`` reaps
+it with ``os.wait4`` so its user/sys CPU time comes straight from the kernel, takes the
+peak RSS from GNU time, and can sample the command's CPU time from ``/proc/PID/stat``
+while it runs.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -92,8 +94,11 @@ class Measured:
 
     @property
     def rss_mb(self) -> float:
-        """Peak resident set size in MiB."""
-        return self.maxrss_kb / 1024.0
+        """Peak resident set size in MB (10^6 bytes, as the issue's targets)."""
+        return self.maxrss_kb * 1024 / 1e6
+
+
+GNU_TIME = Path("/usr/bin/time")
 
 
 def run_measured(
@@ -106,7 +111,14 @@ def run_measured(
     sample_every: float | None = None,
     timeout: float = 1800.0,
 ) -> Measured:
-    """Run ``argv`` to completion and measure it (never through a shell)."""
+    """Run ``argv`` to completion and measure it (never through a shell).
+
+    The command runs under GNU time (``/usr/bin/time -f %M``) for its peak RSS: a
+    child's ``ru_maxrss`` starts at its parent's RSS at fork time (the kernel carries
+    the pre-exec high-water mark over), so the harness's own size would leak into the
+    figure; GNU time is a 2 MB parent. CPU comes from ``wait4`` on GNU time, which
+    includes the command it waited for. ``sample_every`` samples the command's CPU.
+    """
     with contextlib.ExitStack() as stack:
         out: IO[bytes] | int = subprocess.DEVNULL
         err: IO[bytes] | int = subprocess.DEVNULL
@@ -114,9 +126,11 @@ def run_measured(
             out = stack.enter_context(stdout_path.open("wb"))
         if stderr_path is not None:
             err = stack.enter_context(stderr_path.open("wb"))
+        rss_file = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "rss"
+        full = [str(GNU_TIME), "-f", "%M", "-o", str(rss_file), *argv]
         t0 = time.monotonic()
         proc = subprocess.Popen(
-            list(argv),
+            full,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
@@ -128,16 +142,23 @@ def run_measured(
 
         def sampler() -> None:
             assert sample_every is not None
+            target: int | None = None
             while not done.wait(sample_every):
-                cpu = proc_cpu_seconds(proc.pid)
+                if target is None:
+                    kids = child_pids(proc.pid)
+                    if not kids:
+                        continue
+                    target = kids[0]
+                cpu = proc_cpu_seconds(target)
                 if cpu is None:
                     return
                 samples.append((time.monotonic(), cpu))
 
         def killer() -> None:
             if not done.wait(timeout):
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+                for pid in child_pids(proc.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
 
         threads = [threading.Thread(target=killer, daemon=True)]
         if sample_every:
@@ -152,12 +173,16 @@ def run_measured(
             for t in threads:
                 t.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            maxrss_kb = int(rss_file.read_text().split()[-1])
+        except (OSError, ValueError, IndexError):
+            maxrss_kb = 0
     return Measured(
         argv=list(argv),
         wall=t1 - t0,
         user=usage.ru_utime,
         sys=usage.ru_stime,
-        maxrss_kb=usage.ru_maxrss,
+        maxrss_kb=maxrss_kb,
         returncode=proc.returncode,
         started=t0,
         samples=samples,

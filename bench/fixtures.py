@@ -18,7 +18,6 @@ competes for the two cores.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -108,9 +107,7 @@ def nginx_conf(prefix: Path, docroot: Path, port: int, delay: float) -> str:
     token = token_body(base).replace("'", "")
     auth = f"Zoho-oauthtoken {TOKEN}"
     if delay > 0:
-        items = (
-            f"echo_sleep {delay};\n            echo_exec /__static/pages/$arg_page;"
-        )
+        items = f"echo_sleep {delay};\n            echo_exec /__static/pages/$arg_page;"
         image = f"echo_sleep {delay};\n            echo_exec /__static/img/$1;"
         load = f"load_module {ECHO_MODULE};\n"
     else:

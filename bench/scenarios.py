@@ -7,6 +7,7 @@ order (A B C, C B A, A B C, ...) so drift on a shared machine hits them alike.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -17,9 +18,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from .common import ROOT, Measured, count_files, median, proc_cpu_seconds, run_measured
+from .common import ROOT, Measured, count_files, median, run_measured
 from .fixtures import (
     ORG_ID,
     TOKEN,
@@ -32,6 +33,8 @@ from .fixtures import (
     zis_argv,
     zis_env,
 )
+
+T = TypeVar("T")
 
 ZIS = "zoho-image-sync"
 ZIS_DISK = "zoho-image-sync (ext4 disk)"
@@ -91,7 +94,7 @@ class Run:
         return self.images / self.wall if self.wall else 0.0
 
 
-def alternating(contenders: Sequence[str], rep: int) -> list[str]:
+def alternating(contenders: Sequence[T], rep: int) -> list[T]:
     """A B C on even repetitions, C B A on odd ones."""
     return list(contenders) if rep % 2 == 0 else list(reversed(contenders))
 
@@ -131,7 +134,7 @@ def _check(run: Run, site: Site, log_hint: Path) -> None:
     if run.images != len(site.ids) or run.bytes != site.total_bytes:
         raise RuntimeError(
             f"{run.contender} rep {run.rep}: wrote {run.images} images / {run.bytes} bytes, "
-            f"expected {len(site.ids)} / {site.total_bytes}; see {log_hint}"
+            f"expected {len(site.ids)} / {site.total_bytes}: {_tail(log_hint)}"
         )
 
 
@@ -179,7 +182,7 @@ def run_contender(
         raise ValueError(name)
     server_cpu = ng.worker_cpu() - cpu0
     if m.returncode != 0:
-        raise RuntimeError(f"{name} exited {m.returncode}; see {log_stem}.err")
+        raise RuntimeError(f"{name} exited {m.returncode}: {_tail(Path(f'{log_stem}.err'))}")
     n, nbytes = count_files(images_dir)
     run = Run(
         contender=name,
@@ -198,6 +201,13 @@ def run_contender(
     rmtree(out_root)
     os.sync()
     return run
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no {path})"
 
 
 def _slug(name: str) -> str:
@@ -289,7 +299,7 @@ def raw_throughput(ctx: Context) -> dict[str, Any]:
                 runs.append(r)
                 ctx.log(
                     f"  rep {rep} {name}: {r.images_per_s:.0f} images/s, "
-                    f"cpu {r.cpu:.2f} s, rss {r.rss_mb:.0f} MiB"
+                    f"cpu {r.cpu:.2f} s, rss {r.rss_mb:.0f} MB"
                 )
             w = wrk_reference(ctx, ng, site, ctx.wrk_seconds)
             wrk.append(w)
@@ -360,7 +370,7 @@ def _idle_cpu(
 ) -> tuple[float, float]:
     """(CPU seconds, seconds) spent inside gaps between API arrivals longer than min_gap."""
     cpu = secs = 0.0
-    for a, b in zip(arrivals, arrivals[1:], strict=False):
+    for a, b in itertools.pairwise(arrivals):
         if b - a < min_gap:
             continue
         inside = [s for s in samples if a + 0.5 <= s[0] <= b - 0.5]
@@ -396,8 +406,10 @@ def rate_limited(ctx: Context) -> dict[str, Any]:
                 max_concurrent=10,
                 workers=ctx.workers,
             )
-            ctx.log(f"  rep {rep}: a pass of ~{ctx.rate_items // 200 + ctx.rate_with_images} "
-                    f"requests at {limit}/min (about two minutes)")
+            ctx.log(
+                f"  rep {rep}: a pass of ~{ctx.rate_items // 200 + ctx.rate_with_images} "
+                f"requests at {limit}/min (about two minutes)"
+            )
             sim_cpu0 = sim.cpu()
             m = run_measured(
                 zis_argv(cfg),
@@ -417,8 +429,13 @@ def rate_limited(ctx: Context) -> dict[str, Any]:
             f"  rep {rep}: utilisation {r['utilisation'] * 100:.1f}%, max/60 s "
             f"{r['max_in_window']}, 429s {r['rejected_429']}, idle CPU {r['idle_cpu_pct']:.2f}%"
         )
-    return {"limit": limit, "items": ctx.rate_items, "with_images": ctx.rate_with_images,
-            "workers": ctx.workers, "reps": reps}
+    return {
+        "limit": limit,
+        "items": ctx.rate_items,
+        "with_images": ctx.rate_with_images,
+        "workers": ctx.workers,
+        "reps": reps,
+    }
 
 
 def _rate_metrics(
@@ -507,8 +524,10 @@ def catalogue_scale(ctx: Context) -> dict[str, Any]:
                 "max_concurrent": None,
             }
             sims[n] = SimProcess(cfg, logs / f"scale-{n}-sim.err").__enter__()
-            ctx.log(f"  simulator with {n} items: built in {sims[n].build_seconds:.2f} s, "
-                    f"serving after {sims[n].startup_seconds:.2f} s")
+            ctx.log(
+                f"  simulator with {n} items: built in {sims[n].build_seconds:.2f} s, "
+                f"serving after {sims[n].startup_seconds:.2f} s"
+            )
             out[n] = {
                 "items": n,
                 "with_images": cfg["with_images"],
@@ -529,43 +548,61 @@ def catalogue_scale(ctx: Context) -> dict[str, Any]:
             d = ctx.tmpfs / f"scale-{n}"
             rmtree(d)
             d.mkdir(parents=True)
-            cfg_path = write_zis_config(d / "config.toml", sims[n].base, d / "data",
-                                        workers=ctx.workers)
-            m = run_measured(zis_argv(cfg_path), env=zis_env(simulator=True),
-                             stdout_path=logs / f"scale-{n}-first.out",
-                             stderr_path=logs / f"scale-{n}-first.err")
+            cfg_path = write_zis_config(
+                d / "config.toml", sims[n].base, d / "data", workers=ctx.workers
+            )
+            m = run_measured(
+                zis_argv(cfg_path),
+                env=zis_env(simulator=True),
+                stdout_path=logs / f"scale-{n}-first.out",
+                stderr_path=logs / f"scale-{n}-first.err",
+            )
             rep = _read_report(logs / f"scale-{n}-first.out") or {}
-            out[n]["first"] = {"wall": m.wall, "cpu": m.cpu, "rss_mb": m.rss_mb,
-                               "statistics": rep.get("statistics"), "returncode": m.returncode}
-            ctx.log(f"  first sync of {n} items: {m.wall:.1f} s, rss {m.rss_mb:.0f} MiB, "
-                    f"{(rep.get('statistics') or {}).get('images_downloaded')} images")
+            out[n]["first"] = {
+                "wall": m.wall,
+                "cpu": m.cpu,
+                "rss_mb": m.rss_mb,
+                "statistics": rep.get("statistics"),
+                "returncode": m.returncode,
+            }
+            ctx.log(
+                f"  first sync of {n} items: {m.wall:.1f} s, rss {m.rss_mb:.0f} MB, "
+                f"{(rep.get('statistics') or {}).get('images_downloaded')} images"
+            )
             if m.returncode != 0:
                 raise RuntimeError(f"first sync of {n} items exited {m.returncode}")
         for rep_i in range(ctx.reps):
-            for n in alternating(sizes, rep_i):  # type: ignore[arg-type]
-                sim = sims[int(n)]
+            for n in alternating(sizes, rep_i):
+                sim = sims[n]
                 d = ctx.tmpfs / f"scale-{n}"
                 sim.reset_log()
-                m = run_measured(zis_argv(d / "config.toml"), env=zis_env(simulator=True),
-                                 stdout_path=logs / f"scale-{n}-resync-{rep_i}.out",
-                                 stderr_path=logs / f"scale-{n}-resync-{rep_i}.err")
+                m = run_measured(
+                    zis_argv(d / "config.toml"),
+                    env=zis_env(simulator=True),
+                    stdout_path=logs / f"scale-{n}-resync-{rep_i}.out",
+                    stderr_path=logs / f"scale-{n}-resync-{rep_i}.err",
+                )
                 stats = sim.stats()
                 rep = _read_report(logs / f"scale-{n}-resync-{rep_i}.out") or {}
                 st = rep.get("statistics") or {}
-                out[int(n)]["resync"].append({
-                    "wall": m.wall,
-                    "pass_seconds": rep.get("duration_seconds"),
-                    "cpu": m.cpu,
-                    "rss_mb": m.rss_mb,
-                    "requests": stats.get("requests"),
-                    "api_requests": stats.get("api_requests"),
-                    "report_api_requests": st.get("api_requests"),
-                    "images_downloaded": st.get("images_downloaded"),
-                    "unchanged": st.get("unchanged"),
-                    "returncode": m.returncode,
-                })
-                ctx.log(f"  re-sync {n} items: {m.wall:.2f} s, rss {m.rss_mb:.0f} MiB, "
-                        f"{stats.get('api_requests')} requests")
+                out[n]["resync"].append(
+                    {
+                        "wall": m.wall,
+                        "pass_seconds": rep.get("duration_seconds"),
+                        "cpu": m.cpu,
+                        "rss_mb": m.rss_mb,
+                        "requests": stats.get("requests"),
+                        "api_requests": stats.get("api_requests"),
+                        "report_api_requests": st.get("api_requests"),
+                        "images_downloaded": st.get("images_downloaded"),
+                        "unchanged": st.get("unchanged"),
+                        "returncode": m.returncode,
+                    }
+                )
+                ctx.log(
+                    f"  re-sync {n} items: {m.wall:.2f} s, rss {m.rss_mb:.0f} MB, "
+                    f"{stats.get('api_requests')} requests"
+                )
         for n in sizes:
             state_file = ctx.tmpfs / f"scale-{n}" / "data" / "state.json"
             out[n]["state_bytes"] = state_file.stat().st_size
@@ -576,8 +613,11 @@ def catalogue_scale(ctx: Context) -> dict[str, Any]:
     finally:
         for sim in sims.values():
             sim.__exit__(None, None, None)
-    return {"sizes": list(sizes), "baseline_rss_mb": baseline_rss,
-            "by_size": {str(k): v for k, v in out.items()}}
+    return {
+        "sizes": list(sizes),
+        "baseline_rss_mb": baseline_rss,
+        "by_size": {str(k): v for k, v in out.items()},
+    }
 
 
 # -- 5. work per image ---------------------------------------------------------------
@@ -614,8 +654,3 @@ def profile(ctx: Context, out_dir: Path) -> dict[str, Any]:
     text, top = summarise(raw.read_text(), images=n)
     (out_dir / "PROFILE.txt").write_text(text)
     return {"images": n, "wall": wall, "top": top}
-
-
-def cpu_seconds_of(pid: int) -> float:
-    """Re-exported for callers that sample another process."""
-    return proc_cpu_seconds(pid) or 0.0

@@ -138,3 +138,20 @@ async def test_legacy_milliseconds_expiry_is_understood(
     await run_once(cfg)
     expires_at = json.loads(cfg.token_file.read_bytes())["expires_at"]
     assert 3000 < expires_at - time.time() <= 3600
+
+
+async def test_revoked_token_with_a_throttled_endpoint_is_not_a_scope_error(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    # Found by the soak: the refused token was handed out again and misread as a scope error.
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    sim.set_image(sim.item_ids_with_images()[0])
+    sim.revoke_all_tokens()
+    sim.token_fault("throttle")
+    sim.reset_log()
+    report, code = await run_once(cfg)
+    assert code == 1 and report["status"] == "failed"
+    assert "throttled" in report["reason"] and "scope" not in report["reason"]
+    assert sim.stats()["requests"] == {"items": {"401": 1}, "token": {"200": 1}}

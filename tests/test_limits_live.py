@@ -15,11 +15,13 @@ async def test_no_window_ever_holds_more_than_the_limit(
     # A scaled window (1 s instead of 60 s) on both sides: the same arithmetic, 60x faster.
     sim = await make_sim(**SMALL, per_minute=25, window_seconds=1.0)
     cfg = make_config(sim, limits={"requests_per_minute": 25})
-    report, code = await run_once(cfg, window_seconds=1.0)
+    # The margin for latency jitter scales with the window in production (0.5 s of 60 s);
+    # a loaded CI machine jitters more than 1/120 of a 1 s window, so give it 10%.
+    report, code = await run_once(cfg, window_seconds=1.0, window_margin=0.1)
     assert code == 0 and report["status"] == "success"
     stats = sim.stats()
     assert stats["api_requests"] == 72
-    assert "429" not in stats["requests"].get("image", {})
+    assert all("429" not in codes for codes in stats["requests"].values())
     assert sim.max_in_window(1.0) <= 25
     # The limit is used, not wasted: some window is full (or nearly, with the margin).
     assert sim.max_in_window(1.0) >= 23

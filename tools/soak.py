@@ -197,6 +197,7 @@ format = "json"
         "sigkills": 0,
     }
     next_kill = time.monotonic() + rng.uniform(30, 90)
+    next_revoke = time.monotonic() + rng.uniform(20, 60)
     while time.monotonic() < deadline:
         child.pass_done.clear()
         with_images = sim.item_ids_with_images()
@@ -209,14 +210,17 @@ format = "json"
             else:
                 sim.add_item(with_image=True)
             mutations[op] += 1
-        if rng.random() < 0.2:
+        # Revocations are rare in life; more than ~10 mints per 10 minutes gets the real
+        # token endpoint throttled (the simulator does it too), so at most one per 2 min.
+        if time.monotonic() >= next_revoke:
             sim.revoke_all_tokens()
             mutations["tokens_revoked"] += 1
+            next_revoke = time.monotonic() + rng.uniform(120, 180)
         if time.monotonic() >= next_kill:
             await child.kill()
             mutations["sigkills"] += 1
             await child.start()
-            next_kill = time.monotonic() + rng.uniform(30, 90)
+            next_kill = time.monotonic() + rng.uniform(60, 120)
         child.sample_rss()
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.1) + 30):

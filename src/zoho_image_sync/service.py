@@ -93,9 +93,12 @@ class Service:
         metrics: Metrics | None = None,
         redactor: Redactor | None = None,
         window_seconds: float = 60.0,
+        window_margin: float | None = None,
     ) -> None:
         self.config = config
         self.window_seconds = window_seconds
+        # Half a second per minute of window: room for latency jitter, <1% of the rate.
+        self.window_margin = window_seconds / 120 if window_margin is None else window_margin
         self.metrics = metrics or Metrics()
         self.redactor = redactor or Redactor()
         self.redactor.add(*config.credentials.secrets())
@@ -209,8 +212,7 @@ class Service:
             cfg.limits.max_concurrent_requests,
             budget,
             window=self.window_seconds,
-            # Half a second per minute of window: room for latency jitter, <1% of the rate.
-            margin=self.window_seconds / 120,
+            margin=self.window_margin,
         )
         hosts = HostGate(cfg.limits.per_host_requests_per_second, cfg.limits.per_host_concurrency)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)

@@ -28,6 +28,7 @@ from .errors import (
     ItemError,
     RetryLater,
     ScopeError,
+    TokenUnavailable,
     TransientError,
 )
 from .limits import ApiGate, HostGate
@@ -190,6 +191,8 @@ class ZohoClient:
                                     raise ItemError("forbidden", msg)
                                 raise ScopeError(msg)
                             refreshed = True
+                            # Never hand this token out again, even if the refresh fails.
+                            self.tokens.invalidate(token)
                             await self.tokens.refresh(stale=token)
                             continue
                         if resp.status == 429:
@@ -204,7 +207,8 @@ class ZohoClient:
                 self.metrics.retries.labels(f"rate_limited_{exc.code}").inc()
                 await asyncio.sleep(exc.after)
                 continue
-            except (BudgetExhausted, ItemError, FatalPassError):
+            except (BudgetExhausted, ItemError, FatalPassError, TokenUnavailable):
+                # A token we cannot get is the pass's problem, not this request's to retry.
                 raise
             except (TransientError, aiohttp.ClientError, TimeoutError) as exc:
                 reason = _transient_reason(exc)

@@ -1,0 +1,189 @@
+"""``make bench``: run the scenarios of issue 5 and write bench/RESULTS.md.
+
+    python -m bench.run                 # everything (about 15 minutes on 2 cores)
+    python -m bench.run --quick         # everything but the 2-minute rate-limited pass
+    python -m bench.run --only 1,5      # chosen scenarios
+
+Traffic goes to 127.0.0.1 only: nginx and the simulator are started here, on free ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import scenarios
+from .common import BENCH_DIR, ROOT
+from .report import render
+
+SCENARIOS = {
+    1: "raw throughput",
+    2: "latency-bound",
+    3: "rate-limited",
+    4: "catalogue scale",
+    5: "work per image (profile)",
+}
+KEYS = {1: "raw", 2: "latency", 3: "rate", 4: "scale", 5: "profile"}
+REQUIRED = ("nginx", "aria2c", "wrk")
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return text[0].strip() if text else "?"
+
+
+def environment(command: str, reps: int) -> dict[str, str]:
+    """Machine and versions for the RESULTS.md header."""
+    import aiohttp
+
+    import zoho_image_sync
+
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 1024 / 1024:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    rev = _version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    py_spy = Path(sys.executable).parent / "py-spy"
+    return {
+        "command": command,
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": str(os.cpu_count()),
+        "cpu_model": model,
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "zis": f"{zoho_image_sync.__version__} (git {rev}"
+        + (", src/ with uncommitted changes)" if dirty else ")"),
+        "nginx": _version(["nginx", "-v"]).replace("nginx version: ", ""),
+        "aria2c": _version(["aria2c", "--version"]),
+        "wrk": _version(["wrk", "-v"]).split(" Copyright")[0],
+        "py_spy": _version([str(py_spy), "--version"]) if py_spy.exists() else "not installed",
+        "reps": str(reps),
+        "duration": "",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="skip scenario 3 (rate-limited)")
+    p.add_argument("--only", default="", help="comma-separated scenario numbers, e.g. 1,5")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per scenario (3)")
+    p.add_argument("--images", type=int, default=5000, help="scenario 1 images (5000)")
+    p.add_argument("--latency-images", type=int, default=1000, help="scenario 2 images (1000)")
+    p.add_argument("--rate-reps", type=int, default=1, help="scenario 3 passes (1)")
+    p.add_argument("--rate-per-minute", type=int, default=1200)
+    p.add_argument("--rate-items", type=int, default=3000, help="scenario 3 catalogue (3000)")
+    p.add_argument("--rate-with-images", type=int, default=2700)
+    p.add_argument("--scale", default="10000,100000", help="scenario 4 catalogue sizes")
+    p.add_argument("--out", default=str(BENCH_DIR / "RESULTS.md"))
+    p.add_argument("--keep", action="store_true", help="keep the work folders (and logs)")
+    args = p.parse_args(argv)
+
+    missing = [tool for tool in REQUIRED if shutil.which(tool) is None]
+    if missing:
+        sys.stderr.write(f"missing tools: {', '.join(missing)} (make bench installs them)\n")
+        return 2
+    wanted = [int(x) for x in args.only.split(",") if x.strip()] or list(SCENARIOS)
+    if args.quick:
+        wanted = [s for s in wanted if s != 3]
+    if not Path("/dev/shm").is_dir():
+        sys.stderr.write("/dev/shm (tmpfs) is needed for the contenders' output\n")
+        return 2
+    command = os.environ.get("BENCH_COMMAND") or shlex.join(
+        ["python", "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]
+    )
+    env = environment(command, args.reps)
+    tmpfs = Path(tempfile.mkdtemp(prefix="zis-bench-", dir="/dev/shm"))
+    disk = Path(tempfile.mkdtemp(prefix="zis-bench-", dir="/var/tmp"))
+    # nginx's worker runs as nobody: it must be able to read the generated site.
+    disk.chmod(0o755)
+    started = time.monotonic()
+
+    def log(msg: str) -> None:
+        sys.stderr.write(f"[{time.monotonic() - started:7.1f}s] {msg}\n")
+        sys.stderr.flush()
+
+    ctx = scenarios.Context(
+        tmpfs=tmpfs,
+        disk=disk,
+        reps=args.reps,
+        images=args.images,
+        latency_images=args.latency_images,
+        rate_reps=args.rate_reps,
+        rate_per_minute=args.rate_per_minute,
+        rate_items=args.rate_items,
+        rate_with_images=args.rate_with_images,
+        scale_items=tuple(int(x) for x in args.scale.split(",")),
+        log=log,
+    )
+    results: dict[str, Any] = {}
+    log(f"work folders: {tmpfs} (tmpfs), {disk} (ext4)")
+    try:
+        for number in sorted(wanted):
+            log(f"scenario {number}: {SCENARIOS[number]}")
+            if number == 1:
+                results["raw"] = scenarios.raw_throughput(ctx)
+            elif number == 2:
+                results["latency"] = scenarios.latency_bound(ctx)
+            elif number == 3:
+                results["rate"] = scenarios.rate_limited(ctx)
+            elif number == 4:
+                results["scale"] = scenarios.catalogue_scale(ctx)
+            elif number == 5:
+                results["profile"] = scenarios.profile(ctx, BENCH_DIR)
+    finally:
+        if args.keep:
+            log(f"kept {tmpfs} and {disk}")
+        else:
+            shutil.rmtree(tmpfs, ignore_errors=True)
+            shutil.rmtree(disk, ignore_errors=True)
+    minutes, seconds = divmod(int(time.monotonic() - started), 60)
+    env["duration"] = f"{minutes} min {seconds} s"
+    out = Path(args.out)
+    out.with_name("results.json").write_text(
+        json.dumps({"environment": env, "results": results}, indent=1, default=str) + "\n"
+    )
+    out.write_text(render(env, results))
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
