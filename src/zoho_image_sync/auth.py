@@ -95,7 +95,9 @@ class TokenManager:
             doc = json.loads(self._cache_path.read_bytes())
             if self._cache_key() is None or doc.get("key") != self._cache_key():
                 return
-            token, expires_at = doc["access_token"], float(doc["expires_at"])
+            # Zoho's throttle outlives a restart: so does our back-off.
+            self.blocked_until = float(doc.get("blocked_until") or 0.0)
+            token, expires_at = doc["access_token"], float(doc["expires_at"] or 0.0)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return
         if isinstance(token, str) and token and expires_at > self._wall():
@@ -107,10 +109,10 @@ class TokenManager:
             self._metrics.token_expiry.set(expires_at)
 
     def _save_cache(self) -> None:
-        assert self._token is not None
         doc = {
-            "access_token": self._token.reveal(),
+            "access_token": self._token.reveal() if self._token is not None else None,
             "expires_at": self.expires_at,
+            "blocked_until": self.blocked_until,
             "api_domain": self.api_domain,
             "lifetime": self.lifetime,
             "key": self._cache_key(),
@@ -216,6 +218,10 @@ class TokenManager:
             backoff = random.uniform(*THROTTLE_BACKOFF)
             self.blocked_until = self._wall() + backoff
             self.last_error = "token endpoint throttled (Access Denied: too many requests)"
+            try:
+                self._save_cache()
+            except OSError as exc:
+                log.warning("could not write the token cache", error=exc.strerror)
             log.error(
                 "token endpoint throttled by Zoho; backing off",
                 backoff_seconds=round(backoff),

@@ -23,7 +23,16 @@ import structlog
 
 from . import __version__
 from .config import Config, load
-from .errors import EX_CONFIG, EX_FAILED, EX_OK, ConfigError, SyncError
+from .errors import (
+    EX_CONFIG,
+    EX_FAILED,
+    EX_OK,
+    EX_TEMPFAIL,
+    BudgetExhausted,
+    ConfigError,
+    ScopeError,
+    SyncError,
+)
 from .export import erp_records, merge, write_export
 from .logsetup import Redactor, configure
 from .pager import zoho_pages
@@ -196,7 +205,7 @@ def cmd_audit(args: argparse.Namespace, redactor: Redactor) -> int:
     service = Service(cfg, redactor=redactor)
 
     async def go() -> dict[str, Any]:
-        await service.startup(lock=False)
+        await service.startup(readonly=True)
         try:
             assert service.client is not None
             total = with_image = 0
@@ -233,9 +242,12 @@ def cmd_audit(args: argparse.Namespace, redactor: Redactor) -> int:
 
     try:
         emit(run_async(go(), None))
+    except BudgetExhausted as exc:
+        log.error("audit stopped: the daily request budget is spent", error=str(exc))
+        return EX_TEMPFAIL
     except SyncError as exc:
         log.error("audit failed", error=str(exc))
-        return EX_CONFIG if isinstance(exc, ConfigError) else EX_FAILED
+        return EX_CONFIG if isinstance(exc, ConfigError | ScopeError) else EX_FAILED
     return EX_OK
 
 

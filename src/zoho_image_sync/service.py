@@ -40,7 +40,7 @@ from .metrics import Metrics
 from .notify import Notifier
 from .pager import load_url_map, zoho_pages
 from .sources import file_pages
-from .state import State, rebuild_from_disk
+from .state import State, StateCorrupt, rebuild_from_disk
 from .storage import sweep_temporaries
 from .sync import STAT_KEYS, PageSource, SyncPass
 from .zoho import ZohoClient
@@ -117,6 +117,7 @@ class Service:
         self.reload_ok = True
         self.config_path = config.path
         self.notifier = Notifier()
+        self.readonly = False
         self._wake = asyncio.Event()
         self._hup = asyncio.Event()
         self._next_pass_at = 0.0
@@ -174,20 +175,31 @@ class Service:
 
     # -- phases ------------------------------------------------------------
 
-    async def startup(self, lock: bool = True) -> None:
-        """Lock, sweep crash leftovers, load state, build the client."""
+    async def startup(self, readonly: bool = False) -> None:
+        """Lock, sweep crash leftovers, load state, build the client.
+
+        ``readonly`` (audit): no lock, no sweep, no journal, no save, so it can run beside
+        a daemon without touching the daemon's files (the token cache excepted).
+        """
         cfg = self.config
+        self.readonly = readonly
         if cfg.source.kind == "zoho":
             cfg.credentials.require()
-        if lock:
+        if readonly:
+            try:
+                self.state = State.read(cfg.storage.state_file)
+            except StateCorrupt:
+                self.state = State(cfg.storage.state_file)
+        else:
             self._lock.acquire()
-        cfg.storage.images_dir.mkdir(parents=True, exist_ok=True)
-        swept = sweep_temporaries(cfg.storage.images_dir)
-        swept += sweep_temporaries(cfg.storage.state_file.parent)
-        if swept:
-            log.info("removed temporaries left by an earlier crash", count=swept)
-        self.state = State.open(cfg.storage.state_file)
-        self.state.journaling = True
+            cfg.storage.images_dir.mkdir(parents=True, exist_ok=True)
+            swept = sweep_temporaries(cfg.storage.images_dir)
+            swept += sweep_temporaries(cfg.storage.state_file.parent)
+            if swept:
+                log.info("removed temporaries left by an earlier crash", count=swept)
+            self.state = State.open(cfg.storage.state_file)
+            self.state.journaling = True
+            self.state.before_save = self._save_budget
         if self.state.recovered_from is not None:
             adopted = await asyncio.to_thread(rebuild_from_disk, self.state, cfg.storage.images_dir)
             await self.state.save()
@@ -322,8 +334,7 @@ class Service:
     async def shutdown(self) -> None:
         """Flush state, close the session, release the lock."""
         try:
-            if self.state is not None:
-                self._save_budget()
+            if self.state is not None and not self.readonly:
                 await self.state.save()
         finally:
             if self._session is not None:
@@ -344,6 +355,10 @@ class Service:
             return failed_report(str(exc)), EX_CONFIG
         try:
             report = await self.run_pass()
+        except Exception as exc:
+            log.exception("the pass failed unexpectedly")
+            report = failed_report(f"internal error: {exc!r}")
+            report["exit_code"] = EX_FAILED
         finally:
             await self.shutdown()
         code = report.pop("exit_code", None)

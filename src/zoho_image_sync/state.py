@@ -19,7 +19,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -51,6 +51,8 @@ class State:
         self.last_save_seconds = 0.0
         self._journal_fd: int | None = None
         self.journaling = False
+        # Called on the event loop right before each snapshot (e.g. to store the budget).
+        self.before_save: Callable[[], None] = lambda: None
 
     @property
     def journal_path(self) -> Path:
@@ -200,6 +202,7 @@ class State:
     async def save(self) -> None:
         """Write the checkpoint atomically; the encoding happens off the event loop."""
         async with self._save_lock:
+            self.before_save()
             doc = self._document()
             self._rotate()
             self.dirty = 0

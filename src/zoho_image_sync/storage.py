@@ -40,8 +40,8 @@ def sniff_image(head: bytes) -> str | None:
         return "gif"
     if len(head) >= 12 and head.startswith(b"RIFF") and head[8:12] == b"WEBP":
         return "webp"
-    if head.startswith(b"BM") and len(head) >= 6:
-        return "bmp"
+    if head.startswith(b"BM") and len(head) >= 10 and head[6:10] == b"\0\0\0\0":
+        return "bmp"  # "BM", file size, then four reserved zero bytes
     return None
 
 

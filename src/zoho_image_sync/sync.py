@@ -142,6 +142,7 @@ class SyncPass:
         self._workers: dict[int, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._complete = False
+        self._closing = False
 
     @property
     def complete(self) -> bool:
@@ -153,14 +154,15 @@ class SyncPass:
     def resize(self, workers: int) -> None:
         """Grow or shrink the worker pool live; a shrinking worker ends after its item."""
         self.target_workers = workers
-        if self._tg is not None:
+        if self._tg is not None and not self._closing:
             for i in range(workers):
                 if i not in self._workers or self._workers[i].done():
                     self._workers[i] = self._tg.create_task(self._worker(i), name=f"worker-{i}")
         self.metrics.workers.set(workers)
 
     def _halt(self, reason: str | None = None, fatal: SyncError | None = None) -> None:
-        if fatal is not None and self.fatal is None:
+        if fatal is not None and self.fatal is None and self.interrupted is None:
+            # A stop asked for first stays a stop: what fails after it is its consequence.
             self.fatal = fatal
         if reason is not None and self.interrupted is None and self.fatal is None:
             self.interrupted = reason
@@ -180,9 +182,16 @@ class SyncPass:
                 watcher = tg.create_task(self._watch_external_stop(), name="stop-watch")
                 saver = tg.create_task(self._saver(), name="state-saver")
                 producer = tg.create_task(self._produce(), name="pager")
-                await producer
+                stopped = asyncio.ensure_future(self._stop.wait())
+                await asyncio.wait({producer, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                if not producer.done():
+                    # A page request may be waiting out a long 429 or a slow server: pages
+                    # hold no state, so a stop does not wait for it.
+                    producer.cancel()
                 await self._drain()
-                for task in (watcher, saver, *self._workers.values()):
+                self._closing = True
+                for task in (watcher, saver, producer, *self._workers.values()):
                     task.cancel()
         finally:
             self._tg = None
@@ -252,6 +261,10 @@ class SyncPass:
         except (FatalPassError, ConfigError, TokenUnavailable) as exc:
             log.error("catalogue paging failed; the pass cannot complete", error=str(exc))
             self._halt(fatal=exc)
+        except Exception as exc:
+            # A bug must fail the pass (and be retried later), not crash the daemon.
+            log.exception("unexpected error while paging")
+            self._halt(fatal=FatalPassError(f"internal error while paging: {exc!r}"))
 
     async def _put(self, job: Job) -> None:
         self.progress.queued += 1
@@ -288,6 +301,8 @@ class SyncPass:
             self.metrics.image_failures.labels("bad_item_id").inc()
             return
         previous = self.state.get(item_id)
+        if previous is not None and previous.get("missing"):
+            previous = self.state.put(item_id, missing=False)
         prev = dict(previous) if previous is not None else None
         url = self.url_map.get(item_id) or item.image_url
         if item_id in self.url_map:
@@ -297,7 +312,7 @@ class SyncPass:
         if not url:
             await self._no_image(item, prev)
             return
-        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+        if not _fetchable(url):
             self._error(item_id, "bad_url", f"only http and https URLs are fetched: {url[:200]}")
             self.metrics.image_failures.labels("bad_url").inc()
             self.state.put(
@@ -405,6 +420,9 @@ class SyncPass:
             except (FatalPassError, ConfigError, TokenUnavailable) as exc:
                 log.error("the pass cannot complete", error=str(exc), item_id=job.item.item_id)
                 self._halt(fatal=exc)
+            except Exception as exc:
+                log.exception("unexpected error in a worker", item_id=job.item.item_id)
+                self._halt(fatal=FatalPassError(f"internal error on an item: {exc!r}"))
             finally:
                 self._queue.task_done()
 
@@ -441,11 +459,23 @@ class SyncPass:
         if not self._seen:
             log.error("the catalogue came back empty; not deleting", held=len(gone))
             return
+        forgotten = 0
         for item_id in gone:
+            # Paging is not a snapshot: a deletion during the pass shifts later items onto
+            # pages already read. Only an item missing from two complete scans in a row is
+            # gone for sure.
+            if not self.state.items[item_id].get("missing"):
+                self.state.put(item_id, missing=True)
+                continue
             if _remove_item_files(self.images_dir, item_id):
                 self.stats.removed += 1
             self.state.drop(item_id)
-        log.info("items no longer in the catalogue forgotten", count=len(gone))
+            forgotten += 1
+        log.info(
+            "items missing from the catalogue",
+            forgotten=forgotten,
+            missing_once=len(gone) - forgotten,
+        )
 
     def _report(self) -> dict[str, Any]:
         if self.fatal is not None:
@@ -480,6 +510,16 @@ def image_identity(item: CatalogueItem, url: str) -> str:
         doc = f"doc:{item.image_document_id}|" if item.image_document_id else ""
         return f"{doc}url:{url}"
     return f"doc:{item.image_document_id}"
+
+
+def _fetchable(url: str) -> bool:
+    """An http(s) URL that parses, with a host and a valid port."""
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port_ok
 
 
 def _with_map(item: CatalogueItem) -> CatalogueItem:

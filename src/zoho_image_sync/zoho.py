@@ -40,7 +40,6 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 CHUNK: Final = 64 * 1024
 MAX_REDIRECTS: Final = 5
-NOT_AN_IMAGE_TYPES: Final = ("application/json", "text/html", "text/plain", "text/xml")
 MAX_429_RETRIES: Final = 20
 # 200 items are ~100 KB of JSON; a page a hundred times that is not one Zoho sends.
 MAX_PAGE_BYTES: Final = 16 * 1024 * 1024
@@ -82,6 +81,7 @@ class ZohoClient:
         self.requests_sent = 0
         self.external_sent = 0
         self._refused: dict[str, str] = {}
+        self._refused_msg = ""
 
     # -- URLs ----------------------------------------------------------------
 
@@ -99,7 +99,10 @@ class ZohoClient:
 
     def is_zoho_url(self, url: str) -> bool:
         """True when ``url`` is on the Zoho API host (so it takes the token and the gate)."""
-        return urlsplit(url).netloc.lower() == urlsplit(self.api_base).netloc.lower()
+        try:
+            return urlsplit(url).netloc.lower() == urlsplit(self.api_base).netloc.lower()
+        except ValueError:
+            return False
 
     def _timeout(self) -> aiohttp.ClientTimeout:
         t = self.config.download.timeout_seconds
@@ -164,6 +167,8 @@ class ZohoClient:
         delay = 0.5
         while True:
             token = await self.tokens.token()
+            if endpoint == "image" and self._refused.get(endpoint) == token:
+                raise ItemError("forbidden", self._refused_msg)
             headers = {"Authorization": f"Zoho-oauthtoken {token}"}
             try:
                 async with self.gate.request():
@@ -188,6 +193,7 @@ class ZohoClient:
                                 if endpoint == "image":
                                     if self.config.zoho.image_endpoint == "inventory":
                                         msg += " or set zoho.image_endpoint = 'books'"
+                                    self._refused_msg = msg
                                     raise ItemError("forbidden", msg)
                                 raise ScopeError(msg)
                             refreshed = True
@@ -205,11 +211,14 @@ class ZohoClient:
                 if throttled > MAX_429_RETRIES:
                     raise ItemError("retries_exhausted", f"still rate-limited: {exc}") from None
                 self.metrics.retries.labels(f"rate_limited_{exc.code}").inc()
-                await asyncio.sleep(exc.after)
+                # Every retry is an arrival Zoho counts: never hammer, even on Retry-After: 0.
+                await asyncio.sleep(max(exc.after, min(float(throttled), 30.0)))
                 continue
             except (BudgetExhausted, ItemError, FatalPassError, TokenUnavailable):
                 # A token we cannot get is the pass's problem, not this request's to retry.
                 raise
+            except aiohttp.InvalidURL as exc:
+                raise ItemError("bad_url", f"unusable URL: {exc}") from None
             except (TransientError, aiohttp.ClientError, TimeoutError) as exc:
                 reason = _transient_reason(exc)
                 detail = str(exc) if isinstance(exc, TransientError) else reason
@@ -262,11 +271,6 @@ class ZohoClient:
     async def _stream_body(self, resp: aiohttp.ClientResponse, sink: ImageSink) -> ImageResult:
         ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
         limit = self.config.download.max_image_bytes
-        if ctype in NOT_AN_IMAGE_TYPES:
-            text = (await resp.content.read(4096)).decode("utf-8", "replace")
-            if "attachment not found" in text.lower():
-                raise ItemError("image_not_found", f"HTTP 200 with {ctype}: {text[:200]}")
-            raise ItemError("not_an_image", f"HTTP 200 with {ctype} body: {text[:120]!r}")
         if resp.content_length is not None and resp.content_length > limit:
             raise ItemError(
                 "too_large", f"Content-Length {resp.content_length} > max_image_bytes {limit}"
@@ -275,16 +279,19 @@ class ZohoClient:
         async for chunk in resp.content.iter_chunked(CHUNK):
             if sink.size + len(chunk) > limit:
                 raise ItemError("too_large", f"body exceeds max_image_bytes {limit}")
-            await sink.write(chunk)
-            if not checked and sink.size >= MAGIC_PREFIX_BYTES:
+            if not checked and sink.size + len(chunk) >= MAGIC_PREFIX_BYTES:
                 checked = True
-                if sniff_image(sink.head) is None:
-                    raise ItemError("not_an_image", f"magic bytes {sink.head[:8].hex()}")
+                head = sink.head + chunk[:MAGIC_PREFIX_BYTES]
+                if sniff_image(head) is None:
+                    # The bytes decide, never the Content-Type; a JSON or HTML body is an
+                    # error page, maybe Zoho's "Attachment not found".
+                    raise _not_an_image(head + chunk[MAGIC_PREFIX_BYTES:4096], ctype)
+            await sink.write(chunk)
         if sink.size == 0:
             raise ItemError("empty_body", "HTTP 200 with an empty body")
         ext = sniff_image(sink.head)
         if ext is None:
-            raise ItemError("not_an_image", f"magic bytes {sink.head[:8].hex()}")
+            raise _not_an_image(sink.head, ctype)
         return ImageResult(ext=ext, content_type=ctype)
 
     async def _external_image(self, url: str, sink: ImageSink, item_id: str) -> ImageResult:
@@ -294,6 +301,8 @@ class ZohoClient:
         while True:
             try:
                 return await self._external_once(url, sink)
+            except (aiohttp.InvalidURL, ValueError) as exc:
+                raise ItemError("bad_url", f"unusable URL: {exc}") from None
             except (TransientError, aiohttp.ClientError, TimeoutError) as exc:
                 attempts += 1
                 await sink.discard()
@@ -304,7 +313,8 @@ class ZohoClient:
                         "retries_exhausted", f"{attempts} attempts, last: {detail}"
                     ) from None
                 self.metrics.retries.labels(_transient_reason(exc)).inc()
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                wait = exc.after if isinstance(exc, RetryLater) else 0.0
+                await asyncio.sleep(max(wait, delay * random.uniform(0.5, 1.5)))
                 delay = min(delay * 2, 30.0)
 
     async def _external_once(self, url: str, sink: ImageSink) -> ImageResult:
@@ -335,6 +345,13 @@ class ZohoClient:
                         raise TransientError(f"HTTP {resp.status} from {current}")
                     return await self._stream_body(resp, sink)
         raise ItemError("bad_url", f"more than {MAX_REDIRECTS} redirects from {url[:200]}")
+
+
+def _not_an_image(head: bytes, ctype: str) -> ItemError:
+    text = head[:4096].decode("utf-8", "replace")
+    if "attachment not found" in text.lower():
+        return ItemError("image_not_found", f"HTTP 200 ({ctype}): {text[:200]}")
+    return ItemError("not_an_image", f"HTTP 200 ({ctype or 'no type'}): {text[:80]!r}")
 
 
 def _transient_reason(exc: BaseException) -> str:
