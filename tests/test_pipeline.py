@@ -216,5 +216,10 @@ async def test_hostile_item_ids_are_refused(
     assert report["statistics"]["total"] == 300
     assert report["statistics"]["new"] == 119
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and "images" not in p.parts]
-    assert {p.name for p in outside} <= {"state.json", "state.json.lock", "token.json"}
+    assert {p.name for p in outside} <= {
+        "state.json",
+        "state.json.lock",
+        "token.json",
+        "ratewindow.json",
+    }
     assert all(p.parent == cfg.storage.images_dir for p in cfg.storage.images_dir.rglob("*"))

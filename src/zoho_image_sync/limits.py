@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -37,7 +38,10 @@ class RollingWindow:
         self.window = window
         self.margin = margin
         self.clock = clock
-        self._sent: deque[float] = deque()
+        # One mutable cell per request: its send time, moved later when the response
+        # arrives (an upper bound on when Zoho counted it; a fresh TLS handshake can take
+        # longer than the margin).
+        self._sent: deque[list[float]] = deque()
         self._lock = asyncio.Lock()
         self._blocked_until = 0.0
         self._changed = asyncio.Event()
@@ -59,20 +63,39 @@ class RollingWindow:
 
     def _expire(self, now: float) -> None:
         horizon = now - self.window - self.margin
-        while self._sent and self._sent[0] <= horizon:
+        while self._sent and self._sent[0][0] <= horizon:
             self._sent.popleft()
 
-    async def acquire(self) -> None:
-        """Wait until one more request fits in every rolling window, then count it."""
+    def snapshot(self, wall_now: float) -> list[float]:
+        """The counted requests as wall-clock times, to carry the window across restarts."""
+        now = self.clock()
+        self._expire(now)
+        return [round(wall_now - (now - cell[0]), 3) for cell in self._sent]
+
+    def restore(self, wall_times: list[float], wall_now: float) -> None:
+        """Count requests an earlier process sent (``snapshot`` of it)."""
+        now = self.clock()
+        cells = [[now - (wall_now - t)] for t in sorted(wall_times)]
+        self._sent = deque(sorted([*cells, *self._sent], key=lambda c: c[0]))
+        self._expire(now)
+
+    async def acquire(self) -> list[float]:
+        """Wait until one more request fits in every rolling window, count it, return its cell.
+
+        Set ``cell[0]`` to the arrival time of the response once known (``ApiGate`` does).
+        """
         async with self._lock:
             while True:
                 now = self.clock()
                 self._expire(now)
                 wait = self._blocked_until - now
                 if len(self._sent) >= self.limit:
-                    # The oldest of the last `limit` sends must leave the window first.
-                    idx = len(self._sent) - self.limit
-                    wait = max(wait, self._sent[idx] + self.window + self.margin - now)
+                    # Enough of the oldest sends must leave the window first. Cells moved
+                    # later are no longer in order: taking the latest of the first ones
+                    # errs on the side of waiting.
+                    k = len(self._sent) - self.limit + 1
+                    latest = max(cell[0] for cell in itertools.islice(self._sent, k))
+                    wait = max(wait, latest + self.window + self.margin - now)
                 if wait <= 0:
                     break
                 t0 = self.clock()
@@ -81,7 +104,9 @@ class RollingWindow:
                     async with asyncio.timeout(wait):
                         await self._changed.wait()
                 self.waited_seconds += self.clock() - t0
-            self._sent.append(self.clock())
+            cell = [self.clock()]
+            self._sent.append(cell)
+            return cell
 
 
 class Slots:
@@ -194,14 +219,26 @@ class ApiGate:
         self.budget = budget
 
     @contextlib.asynccontextmanager
-    async def request(self) -> AsyncIterator[None]:
-        """Hold a concurrency slot and a window slot for one request."""
+    async def request(self) -> AsyncIterator[Callable[[], None]]:
+        """Hold a concurrency slot and a window slot for one request.
+
+        Yields ``arrived()``: call it when the response headers are in, so the window counts
+        the request at the latest moment Zoho can have counted it.
+        """
         self.budget.take()
         async with self.slots.hold():
-            # The send time is recorded after the slot is held, right before sending,
-            # so the window never under-counts what Zoho sees.
-            await self.window.acquire()
-            yield
+            # The send time is recorded after the slot is held, right before sending.
+            cell = await self.window.acquire()
+            clock = self.window.clock
+
+            def arrived() -> None:
+                cell[0] = max(cell[0], clock())
+
+            try:
+                yield arrived
+            except BaseException:
+                arrived()
+                raise
 
     async def reconfigure(self, requests_per_minute: int, max_concurrent: int, daily: int) -> None:
         """Apply new limits live."""

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import json
 import os
 import time
 from pathlib import Path
@@ -40,8 +41,8 @@ from .metrics import Metrics
 from .notify import Notifier
 from .pager import load_url_map, zoho_pages
 from .sources import file_pages
-from .state import State, StateCorrupt, rebuild_from_disk
-from .storage import sweep_temporaries
+from .state import State, StateCorrupt, read_json_or_none, rebuild_from_disk
+from .storage import sweep_temporaries, write_bytes_atomic
 from .sync import STAT_KEYS, PageSource, SyncPass
 from .zoho import ZohoClient
 
@@ -226,6 +227,9 @@ class Service:
             window=self.window_seconds,
             margin=self.window_margin,
         )
+        recent = read_json_or_none(self._window_file)
+        if isinstance(recent, list):
+            self.gate.window.restore([t for t in recent if isinstance(t, int | float)], time.time())
         hosts = HostGate(cfg.limits.per_host_requests_per_second, cfg.limits.per_host_concurrency)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
@@ -330,11 +334,29 @@ class Service:
         if self.state is not None and self.gate is not None:
             b = self.gate.budget
             self.state.meta["budget"] = {"day": b.day, "spent": b.spent}
+            self._save_window()
+
+    @property
+    def _window_file(self) -> Path:
+        return self.config.storage.state_file.parent / "ratewindow.json"
+
+    def _save_window(self) -> None:
+        """The rolling window outlives the process: `audit` then `once`, or a restart,
+        must not put more than the limit into one minute between them."""
+        if self.gate is None:
+            return
+        recent = self.gate.window.snapshot(time.time())
+        try:
+            write_bytes_atomic(self._window_file, json.dumps(recent).encode(), mode=0o600)
+        except OSError as exc:
+            log.warning("could not save the rate window", error=exc.strerror)
 
     async def shutdown(self) -> None:
         """Flush state, close the session, release the lock."""
         try:
-            if self.state is not None and not self.readonly:
+            if self.readonly:
+                self._save_window()
+            elif self.state is not None:
                 await self.state.save()
         finally:
             if self._session is not None:

@@ -171,7 +171,7 @@ class ZohoClient:
                 raise ItemError("forbidden", self._refused_msg)
             headers = {"Authorization": f"Zoho-oauthtoken {token}"}
             try:
-                async with self.gate.request():
+                async with self.gate.request() as arrived:
                     self.requests_sent += 1
                     async with self.session.get(
                         url,
@@ -180,6 +180,7 @@ class ZohoClient:
                         timeout=self._timeout(),
                         allow_redirects=False,
                     ) as resp:
+                        arrived()
                         self.metrics.api_requests.labels(endpoint, str(resp.status)).inc()
                         if resp.status == 401:
                             detail = await _error_text(resp)
