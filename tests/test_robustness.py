@@ -1,0 +1,173 @@
+"""Regressions from review and soak: each names the failure it guards against."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from conftest import SimFactory, assert_mirror, run_once
+from zoho_image_sync.pager import zoho_pages
+from zoho_image_sync.service import Service
+
+SMALL = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
+
+
+async def test_malformed_urls_fail_their_item_not_the_pass(
+    make_sim: SimFactory, make_config: Any, tmp_path: Path
+) -> None:
+    sim = await make_sim(**SMALL)
+    a, b, c = sim.item_ids_with_images()[:3]
+    url_map = tmp_path / "image_urls.json"
+    url_map.write_text(
+        json.dumps(
+            {a: "http://[oops/x.jpg", b: "http://127.0.0.1:99999/x.jpg", c: "https:///nohost.jpg"}
+        )
+    )
+    report, code = await run_once(make_config(sim, source={"url_map": str(url_map)}))
+    assert code == 0 and report["status"] == "partial"
+    assert {e["zoho_item_id"]: e["reason"] for e in report["errors"]} == {
+        a: "bad_url",
+        b: "bad_url",
+        c: "bad_url",
+    }
+    assert report["statistics"]["new"] == 117
+
+
+async def test_stop_while_the_pager_waits_is_an_interruption(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(items=500, with_images=10, min_image_bytes=2000, max_image_bytes=3000)
+    sim.add_fault("slow", None, endpoint="items", page=2, delay=60)
+    cfg = make_config(sim, sync={"shutdown_timeout_seconds": 1})
+    service = Service(cfg)
+    task = asyncio.create_task(service.once())
+    await sim.wait_in_flight(1)
+    await sim.wait_api_requests(1 + 4)  # page 1 and its 4 images are done; page 2 hangs
+    t0 = time.monotonic()
+    service.handle_term()
+    report, code = await task
+    assert time.monotonic() - t0 < 3
+    assert code == 75 and report["status"] == "interrupted" and report["reason"] == "signal"
+    sim.release_slow()
+
+
+async def test_audit_beside_a_writer_touches_none_of_its_files(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    images, state_dir = cfg.storage.images_dir, cfg.storage.state_file.parent
+    temp = images / ".zis-tmp-123-abcd"  # a download in flight in another process
+    temp.write_bytes(b"partial")
+    journal = state_dir / "state.json.journal"
+    journal.write_text('{"id": "X", "entry": null}\n')
+    before = cfg.storage.state_file.read_bytes()
+    audit = Service(cfg)
+    await audit.startup(readonly=True)
+    try:
+        assert audit.client is not None
+        pages = [p async for p, _ in zoho_pages(audit.client)]
+        assert pages == [1, 2]
+    finally:
+        await audit.shutdown()
+    assert temp.exists() and journal.exists()
+    assert cfg.storage.state_file.read_bytes() == before
+
+
+async def test_the_rolling_window_spans_processes(make_sim: SimFactory, make_config: Any) -> None:
+    # audit, then once: between them never more than the limit in one window.
+    sim = await make_sim(
+        items=2000,
+        with_images=20,
+        min_image_bytes=2000,
+        max_image_bytes=3000,
+        per_minute=20,
+        window_seconds=2.0,
+    )
+    cfg = make_config(sim, limits={"requests_per_minute": 20})
+    audit = Service(cfg, window_seconds=2.0, window_margin=0.2)
+    await audit.startup(readonly=True)
+    try:
+        assert audit.client is not None
+        assert len([p async for p, _ in zoho_pages(audit.client)]) == 10
+    finally:
+        await audit.shutdown()
+    report, code = await run_once(cfg, window_seconds=2.0, window_margin=0.2)
+    assert code == 0 and report["status"] == "success"
+    assert sim.max_in_window(2.0) <= 20
+    assert all("429" not in codes for codes in sim.stats()["requests"].values())
+
+
+async def test_retry_after_zero_does_not_hammer(make_sim: SimFactory, make_config: Any) -> None:
+    sim = await make_sim(
+        items=100,
+        with_images=30,
+        min_image_bytes=2000,
+        max_image_bytes=3000,
+        per_minute=15,
+        window_seconds=1.0,
+        retry_after=0,
+    )
+    cfg = make_config(sim, download={"workers": 4})
+    report, _ = await run_once(cfg)
+    assert report["status"] == "success"
+    assert_mirror(sim, cfg.storage.images_dir)
+    times: dict[str | None, list[float]] = defaultdict(list)
+    for r in sim.records:
+        if r.endpoint == "image":
+            times[r.item_id].append(r.t)
+    retried = [t for t in times.values() if len(t) > 1]
+    assert retried, "the test needs some 429s to mean anything"
+    for ts in retried:
+        gaps = [b - a for a, b in itertools.pairwise(ts)]
+        assert min(gaps) >= 0.95, gaps
+
+
+async def test_token_throttle_back_off_survives_a_restart(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    sim.token_fault("throttle")
+    cfg = make_config(sim)
+    _, code = await run_once(cfg)
+    assert code == 1
+    sim.token_fault(None)  # Zoho would still block us; we must not even ask
+    report, code = await run_once(cfg)
+    assert code == 1 and "throttled" in report["reason"]
+    assert sim.stats()["requests"]["token"] == {"200": 1}
+
+
+async def test_refused_image_scope_stops_costing_requests(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL, image_scope=False)
+    cfg = make_config(sim)
+    report, _ = await run_once(cfg)
+    assert report["statistics"]["errors"] == 120
+    refused = sim.stats()["requests"]["image"]["401"]
+    # The first refusal, its one retry with a fresh token, and what was already in flight.
+    assert refused <= 2 + cfg.limits.max_concurrent_requests
+    assert sim.stats()["tokens_minted"] <= 2
+
+
+async def test_an_item_gone_from_zoho_is_removed_after_two_full_scans(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    gone = sim.item_ids_with_images()[0]
+    sim.remove_item(gone)
+    first, _ = await run_once(cfg)
+    assert first["statistics"]["removed"] == 0
+    assert (cfg.storage.images_dir / f"{gone}.jpg").exists()
+    second, _ = await run_once(cfg)
+    assert second["statistics"]["removed"] == 1
+    assert not (cfg.storage.images_dir / f"{gone}.jpg").exists()
+    assert_mirror(sim, cfg.storage.images_dir)
