@@ -77,8 +77,8 @@ async def run_job(job: Job, client: ZohoClient, images_dir: Path, metrics: Metri
     base = image_fields(item, job.identity, job.url)
     prev = job.previous
     if job.verify_only and prev is not None and await asyncio.to_thread(file_matches, prev):
-        st = os.stat(prev["path"])
-        return Outcome("unchanged", {**base, "mtime_ns": st.st_mtime_ns})
+        mtime_ns = os.stat(prev["path"]).st_mtime_ns
+        return Outcome("unchanged", {**base, "mtime_ns": mtime_ns})
     sink = ImageSink(images_dir, item.item_id)
     t0 = time.perf_counter()
     metrics.downloads_in_flight.inc()
@@ -109,7 +109,8 @@ async def run_job(job: Job, client: ZohoClient, images_dir: Path, metrics: Metri
     metrics.download_duration.observe(time.perf_counter() - t0)
     metrics.images_downloaded.inc()
     metrics.bytes_downloaded.inc(sink.size)
-    st = await asyncio.to_thread(os.stat, path)
+    written = sink.stat
+    assert written is not None
     had_image = job.previous is not None and job.previous.get("path")
     fields = {
         **base,
@@ -118,7 +119,7 @@ async def run_job(job: Job, client: ZohoClient, images_dir: Path, metrics: Metri
         "ext": result.ext,
         "sha256": sink.sha256(),
         "bytes": sink.size,
-        "mtime_ns": st.st_mtime_ns,
+        "mtime_ns": written.st_mtime_ns,
         "reason": None,
         "detail": None,
     }
