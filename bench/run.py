@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -23,9 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import scenarios
 from .common import BENCH_DIR, ROOT
-from .report import render
 
 SCENARIOS = {
     1: "raw throughput",
@@ -47,7 +46,32 @@ def _version(argv: list[str]) -> str:
     return text[0].strip() if text else "?"
 
 
-def environment(command: str, reps: int) -> dict[str, str]:
+def snapshot_src(dest: Path) -> str:
+    """Copy src/zoho_image_sync to ``dest`` and put it first on the import path.
+
+    Other people edit src/ while a run lasts (minutes): every process of one run must
+    measure the same code. The copy goes first on PYTHONPATH (children: zoho-image-sync,
+    the simulator) and on sys.path (this process: the site generator, State saves).
+    Returns a short sha256 of the copied sources, to name what was measured.
+    """
+    pkg = dest / "zoho_image_sync"
+    shutil.copytree(
+        ROOT / "src" / "zoho_image_sync", pkg, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    h = hashlib.sha256()
+    for f in sorted(pkg.rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(dest)).encode() + b"\0" + f.read_bytes())
+    if "zoho_image_sync" in sys.modules:
+        raise RuntimeError("zoho_image_sync was imported before the snapshot was taken")
+    sys.path.insert(0, str(dest))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(dest), str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+    )
+    return h.hexdigest()[:12]
+
+
+def environment(command: str, reps: int, snapshot: str) -> dict[str, str]:
     """Machine and versions for the RESULTS.md header."""
     import aiohttp
 
@@ -85,7 +109,8 @@ def environment(command: str, reps: int) -> dict[str, str]:
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
         "zis": f"{zoho_image_sync.__version__} (git {rev}"
-        + (", src/ with uncommitted changes)" if dirty else ")"),
+        + (" + uncommitted changes in src/" if dirty else "")
+        + f"; measured from a copy of src/ taken at the start, sha256 {snapshot}…)",
         "nginx": _version(["nginx", "-v"]).replace("nginx version: ", ""),
         "aria2c": _version(["aria2c", "--version"]),
         "wrk": _version(["wrk", "-v"]).split(" Copyright")[0],
@@ -129,9 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     command = os.environ.get("BENCH_COMMAND") or shlex.join(
         ["python", "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]
     )
-    env = environment(command, args.reps)
     tmpfs = Path(tempfile.mkdtemp(prefix="zis-bench-", dir="/dev/shm"))
     disk = Path(tempfile.mkdtemp(prefix="zis-bench-", dir="/var/tmp"))
+    snapshot = snapshot_src(disk / "src")
+    env = environment(command, args.reps, snapshot)
+    # Imported only now, so that they (and zoho_image_sync) come from the snapshot.
+    from . import scenarios
+    from .report import render
+
     # nginx's worker runs as nobody: it must be able to read the generated site.
     disk.chmod(0o755)
     started = time.monotonic()

@@ -334,3 +334,17 @@ async def test_daemon_sleeps_when_zoho_says_the_day_is_spent(
         assert await d.wait() == 0
     finally:
         await d.stop()
+
+
+async def test_dns_failure_is_retried_then_fails_the_pass(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    # The token comes from the simulator; the API host does not resolve.
+    cfg = make_config(
+        sim, zoho={"api_url": "http://zoho-api.invalid/inventory/v1"}, download={"max_attempts": 2}
+    )
+    report, code = await run_once(cfg)
+    assert code == 1 and report["status"] == "failed"
+    assert report["reason"] == "items page 1: 2 attempts, last: dns_failed"
+    assert sim.stats()["requests"] == {"token": {"200": 1}}

@@ -360,10 +360,12 @@ def _transient_reason(exc: BaseException) -> str:
         return "timeout"
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "truncated_body"
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
-        return "connection_reset"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "dns_failed"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return "connect_failed"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return "connection_reset"
     if isinstance(exc, TransientError) and "HTTP 5" in str(exc):
         return "server_error"
     return "transient"
