@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
+import orjson
 import structlog
 
 from .storage import write_bytes_atomic
@@ -70,8 +71,7 @@ class State:
             self._journal_fd = os.open(
                 self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
             )
-        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
-        os.write(self._journal_fd, line.encode("utf-8"))
+        os.write(self._journal_fd, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
 
     def _rotate(self) -> None:
         if self._journal_fd is not None:
@@ -101,7 +101,7 @@ class State:
                 continue
             for raw in lines:
                 try:
-                    rec = json.loads(raw)
+                    rec = orjson.loads(raw)
                     item_id = rec["id"]
                 except (ValueError, KeyError, TypeError):
                     continue  # a torn last line from a crash mid-write
@@ -127,8 +127,8 @@ class State:
             state._replay()
             return state
         try:
-            doc = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
             raise StateCorrupt(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("items"), dict):
             raise StateCorrupt(f"{path}: no 'items' object")
@@ -228,7 +228,9 @@ class State:
         self.dirty = 0
 
     def _write(self, doc: dict[str, Any]) -> None:
-        data = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        # orjson: 100,000 items encode in a fraction of json's time, straight to bytes
+        # (no second 20 MB copy for the str -> bytes step).
+        data = orjson.dumps(doc)
         write_bytes_atomic(self.path, data, mode=0o600)
 
 
