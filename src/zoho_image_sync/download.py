@@ -34,6 +34,7 @@ class Job:
     identity: str
     previous: dict[str, Any] | None
     verify_only: bool = False
+    on_disk: tuple[str, ...] | None = None  # this item's extensions found at pass start
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +86,8 @@ async def run_job(job: Job, client: ZohoClient, images_dir: Path, metrics: Metri
     try:
         try:
             result = await client.fetch_image(job.url, sink, item.item_id)
-            path = await sink.commit(result.ext)
+            stale = None if job.on_disk is None else [e for e in job.on_disk if e != result.ext]
+            path = await sink.commit(result.ext, stale)
         except OSError as exc:
             # The client maps every network error (aiohttp's are OSErrors too) into our
             # tree, so an OSError here comes from the disk: the spill file or the commit.

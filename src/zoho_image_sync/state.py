@@ -169,7 +169,7 @@ class State:
         """The entry for ``item_id``, if any."""
         return self.items.get(item_id)
 
-    def put(self, item_id: str, **fields: Any) -> Mapping[str, Any]:
+    def put(self, item_id: str, *, journal: bool = True, **fields: Any) -> Mapping[str, Any]:
         """Replace the entry of ``item_id`` by the old one updated with ``fields``."""
         old = self.items.get(item_id, {})
         # None means "not set": dropping those keys keeps 100,000 entries small in memory.
@@ -177,7 +177,8 @@ class State:
         entry["updated_at"] = round(time.time(), 3)
         self.items[item_id] = entry
         self.dirty += 1
-        self._append({"id": item_id, "entry": entry})
+        if journal:
+            self._append({"id": item_id, "entry": entry})
         return entry
 
     def drop(self, item_id: str) -> None:

@@ -143,6 +143,7 @@ class SyncPass:
         self._tg: asyncio.TaskGroup | None = None
         self._complete = False
         self._closing = False
+        self._on_disk: dict[str, tuple[str, ...]] = {}
 
     @property
     def complete(self) -> bool:
@@ -175,6 +176,7 @@ class SyncPass:
         t0 = time.monotonic()
         requests_before = self.client.requests_sent
         self.metrics.pass_in_progress.set(1)
+        self._on_disk = await asyncio.to_thread(_scan_images, self.images_dir)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -269,8 +271,12 @@ class SyncPass:
     async def _put(self, job: Job) -> None:
         self.progress.queued += 1
         if job.previous is None or job.previous.get("status") != "downloaded":
+            # Not journaled: after a crash an item is pending or unknown alike (fetched again).
             self.state.put(
-                job.item.item_id, **image_fields(job.item, job.identity, job.url), status="pending"
+                job.item.item_id,
+                **image_fields(job.item, job.identity, job.url),
+                status="pending",
+                journal=False,
             )
         put = asyncio.ensure_future(self._queue.put(job))
         stop = asyncio.ensure_future(self._stop.wait())
@@ -334,9 +340,18 @@ class SyncPass:
                 self._refresh_facts(item, prev, identity, url)
                 return
             if prev.get("path") and os.path.exists(prev["path"]):
-                await self._put(Job(item, url, identity, prev, verify_only=True))
+                await self._put(
+                    Job(
+                        item,
+                        url,
+                        identity,
+                        prev,
+                        verify_only=True,
+                        on_disk=self._on_disk.get(item_id, ()),
+                    )
+                )
                 return
-        await self._put(Job(item, url, identity, prev))
+        await self._put(Job(item, url, identity, prev, on_disk=self._on_disk.get(item_id, ())))
 
     async def _retry_unlisted(self) -> None:
         """Incremental passes list only modified items: retry our failed and pending ones too."""
@@ -533,6 +548,21 @@ def _with_map(item: CatalogueItem) -> CatalogueItem:
         image_url=item.image_url,
         from_url_map=True,
     )
+
+
+def _scan_images(images_dir: Path) -> dict[str, tuple[str, ...]]:
+    """Which image files each item has now: one directory read per pass, so a commit only
+    unlinks the stale extensions that exist instead of trying all five (blocking)."""
+    found: dict[str, tuple[str, ...]] = {}
+    try:
+        names = os.listdir(images_dir)
+    except FileNotFoundError:
+        return found
+    for name in names:
+        item_id, dot, ext = name.rpartition(".")
+        if dot and ext in EXTENSIONS:
+            found[item_id] = (*found.get(item_id, ()), ext)
+    return found
 
 
 def _stat_matches(prev: dict[str, Any]) -> bool:
