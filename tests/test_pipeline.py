@@ -223,3 +223,15 @@ async def test_hostile_item_ids_are_refused(
         "ratewindow.json",
     }
     assert all(p.parent == cfg.storage.images_dir for p in cfg.storage.images_dir.rglob("*"))
+
+
+async def test_a_no_change_pass_rewrites_no_state_entry(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    before = json.loads(cfg.storage.state_file.read_bytes())["items"]
+    await run_once(cfg)
+    after = json.loads(cfg.storage.state_file.read_bytes())["items"]
+    assert after == before  # not even updated_at moved: nothing was rewritten

@@ -381,7 +381,8 @@ class SyncPass:
         self, item: CatalogueItem, prev: dict[str, Any], identity: str, url: str
     ) -> None:
         facts = image_fields(item, identity, url)
-        if any(prev.get(k) != v for k, v in facts.items()):
+        # The state drops empty values: "" and None both read back as missing.
+        if any((prev.get(k) or None) != (v or None) for k, v in facts.items()):
             self.state.put(item.item_id, **facts)
 
     async def _no_image(self, item: CatalogueItem, prev: dict[str, Any] | None) -> None:
