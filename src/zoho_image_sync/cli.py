@@ -35,6 +35,7 @@ from .errors import (
 )
 from .export import erp_records, merge, write_export
 from .logsetup import Redactor, configure
+from .loop import run as run_loop
 from .pager import zoho_pages
 from .service import Service, failed_report
 from .sources import file_pages
@@ -146,7 +147,7 @@ def run_async(coro: Coroutine[Any, Any, Any], on_stop: Callable[[], None] | None
                 loop.add_signal_handler(sig, on_signal, sig)
         return await coro
 
-    return asyncio.run(wrapper())
+    return run_loop(wrapper())
 
 
 def _with_progress(service: Service, coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]:
@@ -324,7 +325,7 @@ def cmd_simulate(args: argparse.Namespace, redactor: Redactor) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await run_simulator(sim_cfg, args.host, args.port, ready=lambda url: emit(url))
 
-    asyncio.run(go())
+    run_loop(go())
     return EX_OK
 
 

@@ -11,6 +11,7 @@ import structlog
 
 from .config import load
 from .logsetup import Redactor, configure
+from .loop import run as run_loop
 from .service import Daemon
 
 log = structlog.get_logger(__name__)
@@ -40,4 +41,4 @@ def run_daemon(config_path: Path, redactor: Redactor) -> int:
         loop.add_signal_handler(signal.SIGHUP, daemon.handle_hup)
         return await daemon.serve()
 
-    return asyncio.run(go())
+    return run_loop(go())
