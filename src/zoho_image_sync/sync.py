@@ -202,6 +202,9 @@ class SyncPass:
         self.stats.api_requests = self.client.requests_sent - requests_before
         if self.complete and self.full_scan:
             self._forget_unlisted()
+        # Not needed any more, and at 100,000 items worth ~10 MB at the final save's peak.
+        self._seen = set()
+        self._on_disk = {}
         report = self._report()
         self.state.last_pass = report
         await self.state.save()
