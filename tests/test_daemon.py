@@ -48,8 +48,10 @@ async def test_notify_sequence_reload_and_stop(
     await d.wait_for("READY=1")
     status, _body = await get_json(port, "/healthz")
     assert status == 200
-    await d.wait_for("WATCHDOG=1")
+    # The pass's STATUS comes once, WATCHDOG=1 every 0.1 s: wait for the one-off first,
+    # or reading past it while looking for a watchdog ping would lose it.
     await d.wait_for("STATUS=last pass success")
+    await d.wait_for("WATCHDOG=1")
     t0 = time.monotonic()
     d.signal(signal.SIGHUP)
     reloading = await d.wait_for("RELOADING=1")
