@@ -18,7 +18,6 @@ from typing import Any
 
 import aiohttp
 import structlog
-from aiohttp import web
 
 from .auth import TokenManager
 from .config import Config
@@ -33,7 +32,6 @@ from .errors import (
     SyncError,
     TokenUnavailable,
 )
-from .http import build_app
 from .limits import ApiGate, DailyBudget, HostGate
 from .logsetup import Redactor
 from .logsetup import configure as configure_logging
@@ -412,6 +410,11 @@ class Daemon(Service):
             log.error("configuration unusable", key=exc.key, error=exc.why)
             await self.shutdown()
             return EX_CONFIG
+        # Imported here: `once` never serves, and aiohttp.web costs start-up time.
+        from aiohttp import web
+
+        from .http import build_app
+
         runner = web.AppRunner(build_app(self), access_log=None)
         await runner.setup()
         host, port = self.config.http.host_port()
