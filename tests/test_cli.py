@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import CREDS_ENV, SimFactory, config_doc, write_toml
 
@@ -192,3 +195,24 @@ async def test_second_sigint_forces_exit(make_sim: SimFactory, tmp_path: Path) -
     leftovers = [p for p in (tmp_path / "data" / "images" / "item").iterdir()]
     # A forced exit may leave a temporary; the next start sweeps it (never a final name).
     assert all(p.name.startswith(".zis-tmp-") for p in leftovers)
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux script (a pty)")
+async def test_progress_is_shown_on_a_terminal(make_sim: SimFactory, tmp_path: Path) -> None:
+    sim = await make_sim(**SMALL, latency=0.05)  # a pass of ~3 s: progress every 1 s
+    cfg = write_toml(tmp_path / "config.toml", config_doc(sim, download={"workers": 2}))
+    command = " ".join([*EXE, "-c", str(cfg), "once"])
+    env = {**os.environ, **CREDS_ENV}
+    # `script` gives the child a pseudo-terminal, as an operator's shell would.
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        ["script", "-qec", command, "/dev/null"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "images " in proc.stdout and "/s" in proc.stdout and "eta " in proc.stdout
+    assert '"status": "success"' in proc.stdout
