@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -542,16 +543,7 @@ def _fetchable(url: str) -> bool:
 
 
 def _with_map(item: CatalogueItem) -> CatalogueItem:
-    return CatalogueItem(
-        item_id=item.item_id,
-        name=item.name,
-        sku=item.sku,
-        image_name=item.image_name,
-        image_type=item.image_type,
-        image_document_id=item.image_document_id,
-        image_url=item.image_url,
-        from_url_map=True,
-    )
+    return dataclasses.replace(item, from_url_map=True)
 
 
 def _scan_images(images_dir: Path) -> dict[str, tuple[str, ...]]:
