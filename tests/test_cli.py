@@ -216,3 +216,14 @@ async def test_progress_is_shown_on_a_terminal(make_sim: SimFactory, tmp_path: P
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "images " in proc.stdout and "/s" in proc.stdout and "eta " in proc.stdout
     assert '"status": "success"' in proc.stdout
+
+
+def test_status_before_any_pass(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("")
+    proc = cli("-c", str(cfg), "status")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {
+        "items": {"downloaded": 0, "no_image": 0, "failed": 0, "pending": 0},
+        "last_pass": None,
+    }
