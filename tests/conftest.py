@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,24 @@ CREDS_ENV = {
 }
 
 SimFactory = Callable[..., Any]
+EXE = [sys.executable, "-m", "zoho_image_sync"]
+PIPE = asyncio.subprocess.PIPE
+DEVNULL = asyncio.subprocess.DEVNULL
+
+
+async def start_once(
+    config: Path, stdout: int = PIPE, stderr: int = PIPE
+) -> asyncio.subprocess.Process:
+    """The real `once` as a child process, with the simulator's credentials."""
+    return await asyncio.create_subprocess_exec(
+        *EXE,
+        "-c",
+        str(config),
+        "once",
+        env={**os.environ, **CREDS_ENV},
+        stdout=stdout,
+        stderr=stderr,
+    )
 
 
 @pytest.fixture

@@ -8,14 +8,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import CREDS_ENV, SimFactory, config_doc, write_toml
+from conftest import CREDS_ENV, EXE, PIPE, SimFactory, config_doc, start_once, write_toml
 
-EXE = [sys.executable, "-m", "zoho_image_sync"]
 SMALL = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
 
 
@@ -143,16 +141,7 @@ async def test_sigterm_during_once_exits_75_interrupted(
     sim = await make_sim(**SMALL)
     sim.add_fault("slow", None, delay=0.2)
     cfg = write_toml(tmp_path / "config.toml", config_doc(sim, download={"workers": 2}))
-    env = {**os.environ, **CREDS_ENV}
-    proc = await asyncio.create_subprocess_exec(
-        *EXE,
-        "-c",
-        str(cfg),
-        "once",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await start_once(cfg, stdout=PIPE, stderr=PIPE)
     await sim.wait_api_requests(10)
     proc.send_signal(signal.SIGTERM)
     out, _err = await proc.communicate()
@@ -173,16 +162,7 @@ async def test_second_sigint_forces_exit(make_sim: SimFactory, tmp_path: Path) -
         sim, download={"workers": 2, "timeout_seconds": 60}, sync={"shutdown_timeout_seconds": 60}
     )
     cfg = write_toml(tmp_path / "config.toml", doc)
-    env = {**os.environ, **CREDS_ENV}
-    proc = await asyncio.create_subprocess_exec(
-        *EXE,
-        "-c",
-        str(cfg),
-        "once",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await start_once(cfg, stdout=PIPE, stderr=PIPE)
     await sim.wait_in_flight(2)
     proc.send_signal(signal.SIGINT)
     assert proc.stderr is not None

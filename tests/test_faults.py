@@ -15,11 +15,20 @@ from typing import Any
 
 import pytest
 
-from conftest import CREDS_ENV, SimFactory, assert_mirror, config_doc, run_once, write_toml
+from conftest import (
+    CREDS_ENV,
+    DEVNULL,
+    PIPE,
+    SimFactory,
+    assert_mirror,
+    config_doc,
+    run_once,
+    start_once,
+    write_toml,
+)
 from daemon_harness import Daemon, free_port, get_json, scrape
 
 SMALL = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
-EXE = [sys.executable, "-m", "zoho_image_sync"]
 
 
 def check_folder(images: Path, state_file: Path) -> dict[str, Any]:
@@ -43,20 +52,11 @@ async def test_sigkill_at_random_points_loses_nothing(make_sim: SimFactory, tmp_
     sim = await make_sim(**SMALL, latency=0.01)
     cfg = write_toml(tmp_path / "config.toml", config_doc(sim, download={"workers": 4}))
     images, state_file = tmp_path / "data" / "images" / "item", tmp_path / "data" / "state.json"
-    env = {**os.environ, **CREDS_ENV}
     rng = random.Random(20261204)
     kills = sorted(rng.sample(range(5, 110), 5))
     in_flight_at_kill = []
     for at in kills:
-        proc = await asyncio.create_subprocess_exec(
-            *EXE,
-            "-c",
-            str(cfg),
-            "once",
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        proc = await start_once(cfg, stdout=DEVNULL, stderr=DEVNULL)
         await sim.wait_api_requests(at)
         in_flight_at_kill.append(sim.in_flight)
         proc.send_signal(signal.SIGKILL)
@@ -65,15 +65,7 @@ async def test_sigkill_at_random_points_loses_nothing(make_sim: SimFactory, tmp_
         for f in images.iterdir() if images.exists() else []:
             if not f.name.startswith(".zis-tmp-"):
                 assert f.read_bytes() == sim.image_bytes(f.stem), f.name
-    final = await asyncio.create_subprocess_exec(
-        *EXE,
-        "-c",
-        str(cfg),
-        "once",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    final = await start_once(cfg, stdout=PIPE, stderr=DEVNULL)
     out, _ = await final.communicate()
     assert final.returncode == 0
     assert json.loads(out)["status"] == "success"
@@ -185,15 +177,7 @@ async def test_full_disk_pauses_the_pass_and_a_later_run_finishes(
     # Only the item that met the full disk is marked failed, not the rest of the catalogue.
     assert sum(v["status"] == "failed" for v in state.items.values()) <= 2
     # With room again, the next run finishes the job.
-    again = await asyncio.create_subprocess_exec(
-        *EXE,
-        "-c",
-        str(cfg),
-        "once",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    again = await start_once(cfg, stdout=PIPE, stderr=DEVNULL)
     out2, _ = await again.communicate()
     assert again.returncode == 0 and json.loads(out2)["statistics"]["errors"] == 0
     assert_mirror(sim, images)
