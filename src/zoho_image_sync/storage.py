@@ -74,11 +74,14 @@ def temp_name(folder: Path, stem: str) -> Path:
     return folder / f"{TMP_PREFIX}{stem}-{_unique()}"
 
 
-def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` atomically and durably (blocking; call in a thread)."""
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(folder, path.name)
+def _replace_durably(final: Path, data: bytes, mode: int) -> os.stat_result:
+    """Temp file in the same folder, write, fchmod, fsync, rename, fsync the folder.
+
+    Plain ``os`` calls on strings: at thousands of images a second pathlib's overhead showed
+    in the profile. The mode is set on the descriptor, so it does not depend on the umask.
+    """
+    folder = str(final.parent)
+    tmp = os.path.join(folder, f"{TMP_PREFIX}{final.name}-{_unique()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         try:
@@ -86,16 +89,24 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
+            os.fchmod(fd, mode)
             os.fsync(fd)
+            st = os.fstat(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(folder)
+    fsync_dir(final.parent)
+    return st
+
+
+def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` atomically and durably (blocking; call in a thread)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _replace_durably(path, data, mode)
 
 
 def sweep_temporaries(folder: Path) -> int:
@@ -124,10 +135,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def remove_other_images(
-    images_dir: Path, item_id: str, keep: Path | None, exts: Iterable[str] = EXTENSIONS
+def remove_item_images(
+    images_dir: Path, item_id: str, keep: Path | None = None, exts: Iterable[str] = EXTENSIONS
 ) -> list[Path]:
-    """Delete this item's images other than ``keep`` among ``exts``; blocking."""
+    """Delete this item's images (those with an extension in ``exts``) but ``keep``; blocking."""
     removed = []
     folder = str(images_dir)
     keep_name = keep.name if keep is not None else None
@@ -147,34 +158,14 @@ def remove_other_images(
 def _commit_bytes(
     final: Path, data: bytes, item_id: str, stale: Iterable[str]
 ) -> tuple[os.stat_result, str]:
-    """One thread hop per image: hash, write, fsync, rename, fsync folder, drop stale files.
+    """One thread hop per image: hash, write durably, drop the stale extensions.
 
-    Plain ``os`` calls on strings: at thousands of images a second, pathlib's overhead, a
-    second thread hop for the stat and hashing chunk by chunk on the loop showed in the
-    profile.
+    The hash is taken here, off the event loop: chunk by chunk on the loop it showed in
+    the profile, and so did a second thread hop for the stat.
     """
     digest = hashlib.sha256(data).hexdigest()
-    folder = str(final.parent)
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{final.name}-{_unique()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-            os.fchmod(fd, 0o644)  # the same mode whatever the umask: the ERP reads these
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(final.parent)
-    remove_other_images(final.parent, item_id, final, stale)
+    st = _replace_durably(final, data, 0o644)
+    remove_item_images(final.parent, item_id, final, stale)
     return st, digest
 
 
@@ -253,7 +244,7 @@ class ImageSink:
             await aiofiles.os.replace(tmp, final)
             self._tmp = None
             await asyncio.to_thread(fsync_dir, self.images_dir)
-        await asyncio.to_thread(remove_other_images, self.images_dir, self.item_id, final, stale)
+        await asyncio.to_thread(remove_item_images, self.images_dir, self.item_id, final, stale)
         self.stat = await asyncio.to_thread(os.stat, final)
         return final
 

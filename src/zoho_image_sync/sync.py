@@ -8,7 +8,6 @@ temporaries removed). State is saved periodically and at the end, whatever the e
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 import time
@@ -32,7 +31,7 @@ from .errors import (
 from .metrics import Metrics
 from .pager import CatalogueItem
 from .state import State
-from .storage import EXTENSIONS, image_path, valid_item_id
+from .storage import EXTENSIONS, remove_item_images, valid_item_id
 from .zoho import ZohoClient
 
 log = structlog.get_logger(__name__)
@@ -392,7 +391,7 @@ class SyncPass:
     async def _no_image(self, item: CatalogueItem, prev: dict[str, Any] | None) -> None:
         self.stats.no_image += 1
         if prev is not None and prev.get("path"):
-            removed = await asyncio.to_thread(_remove_item_files, self.images_dir, item.item_id)
+            removed = await asyncio.to_thread(remove_item_images, self.images_dir, item.item_id)
             if removed:
                 self.stats.removed += 1
                 log.info("image gone from Zoho; local file removed", item_id=item.item_id)
@@ -487,7 +486,7 @@ class SyncPass:
             if not self.state.items[item_id].get("missing"):
                 self.state.put(item_id, missing=True)
                 continue
-            if _remove_item_files(self.images_dir, item_id):
+            if remove_item_images(self.images_dir, item_id):
                 self.stats.removed += 1
             self.state.drop(item_id)
             forgotten += 1
@@ -567,12 +566,3 @@ def _stat_matches(prev: dict[str, Any]) -> bool:
     except (OSError, KeyError, TypeError):
         return False
     return bool(st.st_size == prev.get("bytes") and st.st_mtime_ns == prev.get("mtime_ns"))
-
-
-def _remove_item_files(images_dir: Path, item_id: str) -> bool:
-    removed = False
-    for ext in EXTENSIONS:
-        with contextlib.suppress(FileNotFoundError):
-            image_path(images_dir, item_id, ext).unlink()
-            removed = True
-    return removed
