@@ -22,6 +22,7 @@ import structlog
 
 from .config import Credentials, Secret, ZohoConfig
 from .errors import CredentialsError, TokenUnavailable
+from .limits import backoff_delay
 from .metrics import Metrics
 from .storage import write_bytes_atomic
 
@@ -168,7 +169,6 @@ class TokenManager:
             "client_secret": client_secret.reveal(),
             "grant_type": "refresh_token",
         }
-        delay = 1.0
         for attempt in range(1, self._max_attempts + 1):
             try:
                 body, status = await self._post(url, form)
@@ -179,8 +179,7 @@ class TokenManager:
                 log.warning("token refresh failed", error=self.last_error, attempt=attempt)
                 if attempt == self._max_attempts:
                     raise TokenUnavailable(self.last_error, after=60.0, throttled=False) from None
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 30.0)
+                await asyncio.sleep(backoff_delay(attempt, base=1.0))
                 continue
             self._handle_response(body, status)
             return

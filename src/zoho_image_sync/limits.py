@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import itertools
+import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,11 @@ from urllib.parse import urlsplit
 from aiolimiter import AsyncLimiter
 
 from .errors import BudgetExhausted
+
+
+def backoff_delay(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    """Exponential back-off with jitter: ``base`` doubling per attempt, capped, x0.5-1.5."""
+    return min(base * 2.0 ** (attempt - 1), cap) * random.uniform(0.5, 1.5)
 
 
 class RollingWindow:

@@ -41,7 +41,7 @@ from .pager import load_url_map, zoho_pages
 from .sources import file_pages
 from .state import State, StateCorrupt, read_json_or_none, rebuild_from_disk
 from .storage import sweep_temporaries, write_bytes_atomic
-from .sync import STAT_KEYS, PageSource, SyncPass
+from .sync import PageSource, PassStats, SyncPass
 from .zoho import ZohoClient
 
 log = structlog.get_logger(__name__)
@@ -395,8 +395,7 @@ def _is_config(exc: SyncError) -> bool:
 
 def failed_report(reason: str) -> dict[str, Any]:
     """The report of a pass that could not start."""
-    stats = {k: 0 for k in STAT_KEYS}
-    return {"status": "failed", "reason": reason, "statistics": stats, "errors": []}
+    return {"status": "failed", "reason": reason, "statistics": PassStats().as_dict(), "errors": []}
 
 
 class Daemon(Service):

@@ -37,18 +37,6 @@ from .zoho import ZohoClient
 log = structlog.get_logger(__name__)
 
 SAVE_EVERY_SECONDS = 2.0
-STAT_KEYS = (
-    "total",
-    "new",
-    "updated",
-    "unchanged",
-    "no_image",
-    "images_downloaded",
-    "bytes_downloaded",
-    "errors",
-    "removed",
-    "api_requests",
-)
 
 PageSource = Callable[[], AsyncIterator[tuple[int, list[CatalogueItem]]]]
 
@@ -71,7 +59,11 @@ class PassStats:
 
     def as_dict(self) -> dict[str, int]:
         """The ``statistics`` object."""
-        return {k: getattr(self, k) for k in STAT_KEYS}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "errors_list"
+        }
 
 
 @dataclass

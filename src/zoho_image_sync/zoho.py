@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -31,7 +30,7 @@ from .errors import (
     TokenUnavailable,
     TransientError,
 )
-from .limits import ApiGate, HostGate
+from .limits import ApiGate, HostGate, backoff_delay
 from .metrics import Metrics
 from .storage import MAGIC_PREFIX_BYTES, ImageSink, sniff_image
 
@@ -163,8 +162,6 @@ class ZohoClient:
         attempts = 0
         throttled = 0
         refreshed = False
-        max_attempts = self.config.download.max_attempts
-        delay = 0.5
         while True:
             token = await self.tokens.token()
             if endpoint == "image" and self._refused.get(endpoint) == token:
@@ -221,20 +218,8 @@ class ZohoClient:
             except aiohttp.InvalidURL as exc:
                 raise ItemError("bad_url", f"unusable URL: {exc}") from None
             except (TransientError, aiohttp.ClientError, TimeoutError) as exc:
-                reason = _transient_reason(exc)
-                detail = str(exc) if isinstance(exc, TransientError) else reason
                 attempts += 1
-                if sink is not None:
-                    await sink.discard()
-                    sink.reset()
-                if attempts >= max_attempts:
-                    raise ItemError(
-                        "retries_exhausted", f"{attempts} attempts, last: {detail}"
-                    ) from None
-                self.metrics.retries.labels(reason).inc()
-                log.debug("retrying", endpoint=endpoint, attempt=attempts, error=detail)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 30.0)
+                await self._retry_or_give_up(exc, attempts, sink, endpoint)
 
     async def _on_429(self, resp: aiohttp.ClientResponse, endpoint: str) -> None:
         self.metrics.rate_limited.labels(endpoint).inc()
@@ -297,8 +282,6 @@ class ZohoClient:
 
     async def _external_image(self, url: str, sink: ImageSink, item_id: str) -> ImageResult:
         attempts = 0
-        delay = 0.5
-        max_attempts = self.config.download.max_attempts
         while True:
             try:
                 return await self._external_once(url, sink)
@@ -306,17 +289,23 @@ class ZohoClient:
                 raise ItemError("bad_url", f"unusable URL: {exc}") from None
             except (TransientError, aiohttp.ClientError, TimeoutError) as exc:
                 attempts += 1
-                await sink.discard()
-                sink.reset()
-                detail = str(exc) if isinstance(exc, TransientError) else _transient_reason(exc)
-                if attempts >= max_attempts:
-                    raise ItemError(
-                        "retries_exhausted", f"{attempts} attempts, last: {detail}"
-                    ) from None
-                self.metrics.retries.labels(_transient_reason(exc)).inc()
-                wait = exc.after if isinstance(exc, RetryLater) else 0.0
-                await asyncio.sleep(max(wait, delay * random.uniform(0.5, 1.5)))
-                delay = min(delay * 2, 30.0)
+                await self._retry_or_give_up(exc, attempts, sink, "external")
+
+    async def _retry_or_give_up(
+        self, exc: BaseException, attempts: int, sink: ImageSink | None, endpoint: str
+    ) -> None:
+        """After a transient failure: raise retries_exhausted at max_attempts, else back off."""
+        reason = _transient_reason(exc)
+        detail = str(exc) if isinstance(exc, TransientError) else reason
+        if sink is not None:
+            await sink.discard()
+            sink.reset()
+        if attempts >= self.config.download.max_attempts:
+            raise ItemError("retries_exhausted", f"{attempts} attempts, last: {detail}")
+        self.metrics.retries.labels(reason).inc()
+        log.debug("retrying", endpoint=endpoint, attempt=attempts, error=detail)
+        floor = exc.after if isinstance(exc, RetryLater) else 0.0
+        await asyncio.sleep(max(floor, backoff_delay(attempts)))
 
     async def _external_once(self, url: str, sink: ImageSink) -> ImageResult:
         current = url
