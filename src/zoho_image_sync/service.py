@@ -198,7 +198,7 @@ class Service:
                 log.info("removed temporaries left by an earlier crash", count=swept)
             self.state = State.open(cfg.storage.state_file)
             self.state.journaling = True
-            self.state.before_save = self._save_budget
+            self.state.before_save = self._before_save
         if self.state.recovered_from is not None:
             adopted = await asyncio.to_thread(rebuild_from_disk, self.state, cfg.storage.images_dir)
             await self.state.save()
@@ -295,7 +295,7 @@ class Service:
             report = await p.run()
         finally:
             self.current_pass = None
-            self._save_budget()
+            self._before_save()
         if p.complete and cfg.source.kind == "zoho":
             if since is None:
                 meta["last_full_pages"] = p.progress.pages_done
@@ -328,7 +328,7 @@ class Service:
             return None
         return float(last) - INCREMENTAL_OVERLAP_SECONDS
 
-    def _save_budget(self) -> None:
+    def _before_save(self) -> None:
         if self.state is not None and self.gate is not None:
             b = self.gate.budget
             self.state.meta["budget"] = {"day": b.day, "spent": b.spent}

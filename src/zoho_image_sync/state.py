@@ -27,7 +27,7 @@ from typing import Any, Final
 import orjson
 import structlog
 
-from .storage import write_bytes_atomic
+from .storage import EXTENSIONS, sha256_file, valid_item_id, write_bytes_atomic
 
 STATE_VERSION: Final = 1
 STATUSES: Final = ("downloaded", "no_image", "failed", "pending")
@@ -248,8 +248,6 @@ def rebuild_from_disk(state: State, images_dir: Path) -> int:
     Their identity is unknown, so the next pass fetches them again and replaces each file
     atomically: nothing is lost meanwhile, and the ERP keeps reading the old bytes.
     """
-    from .storage import EXTENSIONS, sha256_file, valid_item_id
-
     adopted = 0
     for path in sorted(images_dir.iterdir()):
         item_id, dot, ext = path.name.rpartition(".")

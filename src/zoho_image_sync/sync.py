@@ -273,14 +273,18 @@ class SyncPass:
                 status="pending",
                 journal=False,
             )
-        put = asyncio.ensure_future(self._queue.put(job))
-        stop = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({put, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not put.done():
-                put.cancel()
+        if self._queue.full():
+            # Back-pressure: wait for room, or for a stop (two tasks only when waiting).
+            put = asyncio.ensure_future(self._queue.put(job))
+            stop = asyncio.ensure_future(self._stop.wait())
+            try:
+                await asyncio.wait({put, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                if not put.done():
+                    put.cancel()
+        else:
+            self._queue.put_nowait(job)
         self.metrics.queue_depth.set(self._queue.qsize())
 
     def _error(self, item_id: str, reason: str, detail: str) -> None:

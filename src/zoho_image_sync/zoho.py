@@ -13,7 +13,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -80,7 +80,8 @@ class ZohoClient:
         self.requests_sent = 0
         self.external_sent = 0
         self._refused: dict[str, str] = {}
-        self._refused_msg = ""
+        self._refused_msg: dict[str, str] = {}
+        self._probes: dict[tuple[str, str], asyncio.Future[bool]] = {}
 
     # -- URLs ----------------------------------------------------------------
 
@@ -162,64 +163,103 @@ class ZohoClient:
         attempts = 0
         throttled = 0
         refreshed = False
-        while True:
-            token = await self.tokens.token()
-            if endpoint == "image" and self._refused.get(endpoint) == token:
-                raise ItemError("forbidden", self._refused_msg)
-            headers = {"Authorization": f"Zoho-oauthtoken {token}"}
-            try:
-                async with self.gate.request() as arrived:
-                    self.requests_sent += 1
-                    async with self.session.get(
-                        url,
-                        params=params,
-                        headers=headers,
-                        timeout=self._timeout(),
-                        allow_redirects=False,
-                    ) as resp:
-                        arrived()
-                        self.metrics.api_requests.labels(endpoint, str(resp.status)).inc()
-                        if resp.status == 401:
-                            detail = await _error_text(resp)
-                            if refreshed or self._refused.get(endpoint) == token:
-                                # A freshly minted token refused too: scope, not expiry.
-                                self._refused[endpoint] = token
-                                msg = (
-                                    f"Zoho refuses a freshly minted token on {endpoint} "
-                                    f"({detail}): grant the scope ZohoInventory.items.READ"
-                                )
-                                if endpoint == "image":
-                                    if self.config.zoho.image_endpoint == "inventory":
-                                        msg += " or set zoho.image_endpoint = 'books'"
-                                    self._refused_msg = msg
-                                    raise ItemError("forbidden", msg)
-                                raise ScopeError(msg)
-                            refreshed = True
-                            # Never hand this token out again, even if the refresh fails.
-                            self.tokens.invalidate(token)
-                            await self.tokens.refresh(stale=token)
-                            continue
-                        if resp.status == 429:
-                            await self._on_429(resp, endpoint)
-                        if resp.status >= 500:
-                            raise TransientError(f"HTTP {resp.status} from {endpoint}")
-                        return await handle(resp)
-            except RetryLater as exc:
-                throttled += 1
-                if throttled > MAX_429_RETRIES:
-                    raise ItemError("retries_exhausted", f"still rate-limited: {exc}") from None
-                self.metrics.retries.labels(f"rate_limited_{exc.code}").inc()
-                # Every retry is an arrival Zoho counts: never hammer, even on Retry-After: 0.
-                await asyncio.sleep(max(exc.after, min(float(throttled), 30.0)))
-                continue
-            except (BudgetExhausted, ItemError, FatalPassError, TokenUnavailable):
-                # A token we cannot get is the pass's problem, not this request's to retry.
-                raise
-            except aiohttp.InvalidURL as exc:
-                raise ItemError("bad_url", f"unusable URL: {exc}") from None
-            except (TransientError, aiohttp.ClientError, TimeoutError) as exc:
-                attempts += 1
-                await self._retry_or_give_up(exc, attempts, sink, endpoint)
+        # After a 401, one request (the prober) refreshes and retries; the others that got a
+        # 401 on the same token wait for its answer instead of each retrying: a missing
+        # scope then costs the requests in flight plus one, not twice the concurrency.
+        probing: asyncio.Future[bool] | None = None
+        probe_key: tuple[str, str] | None = None
+        waiting: asyncio.Future[bool] | None = None
+        try:
+            while True:
+                if waiting is not None:
+                    helped = await asyncio.shield(waiting)
+                    waiting = None
+                    if not helped:
+                        self._raise_refused(endpoint)
+                token = await self.tokens.token()
+                if self._refused.get(endpoint) == token:
+                    self._raise_refused(endpoint)
+                headers = {"Authorization": f"Zoho-oauthtoken {token}"}
+                try:
+                    async with self.gate.request() as arrived:
+                        self.requests_sent += 1
+                        async with self.session.get(
+                            url,
+                            params=params,
+                            headers=headers,
+                            timeout=self._timeout(),
+                            allow_redirects=False,
+                        ) as resp:
+                            arrived()
+                            self.metrics.api_requests.labels(endpoint, str(resp.status)).inc()
+                            if resp.status == 401:
+                                detail = await _error_text(resp)
+                                if self._refused.get(endpoint) == token:
+                                    self._raise_refused(endpoint)  # sent before it was known
+                                if refreshed:
+                                    # A freshly minted token refused too: scope, not expiry.
+                                    self._refuse(endpoint, token, detail)
+                                    if probing is not None:
+                                        probing.set_result(False)
+                                    self._raise_refused(endpoint)
+                                other = self._probes.get((endpoint, token))
+                                if other is not None:
+                                    waiting = other
+                                    continue
+                                probe_key = (endpoint, token)
+                                probing = asyncio.get_running_loop().create_future()
+                                self._probes[probe_key] = probing
+                                refreshed = True
+                                # Never hand this token out again, even if the refresh fails.
+                                self.tokens.invalidate(token)
+                                await self.tokens.refresh(stale=token)
+                                continue
+                            if probing is not None and not probing.done():
+                                probing.set_result(True)
+                            if resp.status == 429:
+                                await self._on_429(resp, endpoint)
+                            if resp.status >= 500:
+                                raise TransientError(f"HTTP {resp.status} from {endpoint}")
+                            return await handle(resp)
+                except RetryLater as exc:
+                    throttled += 1
+                    if throttled > MAX_429_RETRIES:
+                        raise ItemError("retries_exhausted", f"still rate-limited: {exc}") from None
+                    self.metrics.retries.labels(f"rate_limited_{exc.code}").inc()
+                    # Every retry is an arrival Zoho counts: never hammer, even on Retry-After: 0.
+                    await asyncio.sleep(max(exc.after, min(float(throttled), 30.0)))
+                    continue
+                except (BudgetExhausted, ItemError, FatalPassError, TokenUnavailable):
+                    # A token we cannot get is the pass's problem, not this request's to retry.
+                    raise
+                except aiohttp.InvalidURL as exc:
+                    raise ItemError("bad_url", f"unusable URL: {exc}") from None
+                except (TransientError, aiohttp.ClientError, TimeoutError) as exc:
+                    attempts += 1
+                    await self._retry_or_give_up(exc, attempts, sink, endpoint)
+        finally:
+            if probing is not None and not probing.done():
+                # Undecided (the refresh failed, a stop): let the waiters try for themselves.
+                probing.set_result(True)
+            if probe_key is not None:
+                self._probes.pop(probe_key, None)
+
+    def _refuse(self, endpoint: str, token: str, detail: str) -> None:
+        """Remember that ``token`` is refused on ``endpoint`` even fresh: a missing scope."""
+        self._refused[endpoint] = token
+        msg = (
+            f"Zoho refuses a freshly minted token on {endpoint} "
+            f"({detail}): grant the scope ZohoInventory.items.READ"
+        )
+        if endpoint == "image" and self.config.zoho.image_endpoint == "inventory":
+            msg += " or set zoho.image_endpoint = 'books'"
+        self._refused_msg[endpoint] = msg
+
+    def _raise_refused(self, endpoint: str) -> NoReturn:
+        msg = self._refused_msg.get(endpoint, f"Zoho refuses the token on {endpoint}")
+        if endpoint == "image":
+            raise ItemError("forbidden", msg)
+        raise ScopeError(msg)
 
     async def _on_429(self, resp: aiohttp.ClientResponse, endpoint: str) -> None:
         self.metrics.rate_limited.labels(endpoint).inc()
