@@ -61,6 +61,16 @@ class Site:
         return sum(self.sizes.values())
 
 
+def stop_child(proc: subprocess.Popen[Any], sig: signal.Signals) -> None:
+    """Signal a child, give it 10 s, then kill it; always reap it."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def build_site(docroot: Path, n_images: int, seed: int = 1) -> Site:
     """Write ``n_images`` items, every one with an image, as static files."""
     catalogue = Catalogue(
@@ -208,12 +218,7 @@ class Nginx:
     ) -> None:
         proc, self.proc = self.proc, None
         if proc is not None:
-            proc.send_signal(signal.SIGQUIT)  # graceful: workers finish, then exit
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_child(proc, signal.SIGQUIT)  # graceful for nginx: workers finish, then exit
 
     def worker_cpu(self) -> float:
         """CPU seconds used so far by the worker process(es)."""
@@ -267,12 +272,7 @@ class SimProcess:
     ) -> None:
         proc, self.proc = self.proc, None
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_child(proc, signal.SIGTERM)
             if proc.stdout is not None:
                 proc.stdout.close()
 
