@@ -10,7 +10,6 @@ aiohttp's exceptions into these; everything above them speaks this vocabulary.
     │   ├── ScopeError       a fresh token is still refused (missing scope)
     │   └── StorageError     the disk refuses every write (full, read-only)
     ├── BudgetExhausted      the daily request budget is spent (exit 75)
-    ├── Interrupted          a stop was requested (exit 75)
     ├── TransientError       worth retrying with backoff (5xx, reset, timeout, short body)
     │   ├── RetryLater       worth retrying after a known delay (429, token throttle)
     │   └── TokenUnavailable the token endpoint is throttled or unreachable
@@ -75,10 +74,6 @@ class BudgetExhausted(SyncError):
     def __init__(self, message: str, resume_at: float | None = None) -> None:
         super().__init__(message)
         self.resume_at = resume_at
-
-
-class Interrupted(SyncError):
-    """The pass stopped early because a stop was requested."""
 
 
 class TransientError(SyncError):

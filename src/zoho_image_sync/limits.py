@@ -51,7 +51,6 @@ class RollingWindow:
         self._lock = asyncio.Lock()
         self._blocked_until = 0.0
         self._changed = asyncio.Event()
-        self.waited_seconds = 0.0
 
     def set_limit(self, limit: int) -> None:
         """Change the limit live (SIGHUP); the window history is kept, a waiter re-checks."""
@@ -61,11 +60,6 @@ class RollingWindow:
     def block_for(self, seconds: float) -> None:
         """Admit nothing for ``seconds`` (the server told us to slow down)."""
         self._blocked_until = max(self._blocked_until, self.clock() + seconds)
-
-    def in_window(self) -> int:
-        """Acquisitions within the current window."""
-        self._expire(self.clock())
-        return len(self._sent)
 
     def _expire(self, now: float) -> None:
         horizon = now - self.window - self.margin
@@ -104,12 +98,10 @@ class RollingWindow:
                     wait = max(wait, latest + self.window + self.margin - now)
                 if wait <= 0:
                     break
-                t0 = self.clock()
                 self._changed.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await self._changed.wait()
-                self.waited_seconds += self.clock() - t0
             cell = [self.clock()]
             self._sent.append(cell)
             return cell

@@ -50,7 +50,6 @@ class State:
         self.dirty = 0
         self.recovered_from: Path | None = None
         self._save_lock = asyncio.Lock()
-        self.last_save_seconds = 0.0
         self._journal_fd: int | None = None
         self.journaling = False
         # Called on the event loop right before each snapshot (e.g. to store the budget).
@@ -216,7 +215,6 @@ class State:
             doc = self._document()
             self._rotate()
             self.dirty = 0
-            t0 = time.perf_counter()
             try:
                 await asyncio.to_thread(self._write, doc)
             except BaseException:
@@ -224,7 +222,6 @@ class State:
                 raise
             with contextlib.suppress(FileNotFoundError):
                 self._rotated_path.unlink()
-            self.last_save_seconds = time.perf_counter() - t0
 
     def save_sync(self) -> None:
         """Write the checkpoint from synchronous code (commands that do not loop)."""

@@ -78,7 +78,6 @@ class ZohoClient:
         self.hosts = hosts
         self.metrics = metrics
         self.requests_sent = 0
-        self.external_sent = 0
         self._refused: dict[str, str] = {}
         self._refused_msg: dict[str, str] = {}
         self._probes: dict[tuple[str, str], asyncio.Future[bool]] = {}
@@ -352,28 +351,27 @@ class ZohoClient:
         for _ in range(MAX_REDIRECTS + 1):
             if urlsplit(current).scheme not in ("http", "https"):
                 raise ItemError("bad_url", f"only http and https are fetched: {current[:200]}")
-            async with self.hosts.request(current):
-                self.external_sent += 1
-                async with self.session.get(
-                    current, timeout=self._timeout(), allow_redirects=False
-                ) as resp:
-                    self.metrics.external_requests.labels(str(resp.status)).inc()
-                    if resp.status in (301, 302, 303, 307, 308):
-                        location = resp.headers.get("Location")
-                        if not location:
-                            raise ItemError("bad_url", f"HTTP {resp.status} without Location")
-                        current = urljoin(current, location)
-                        continue
-                    if resp.status == 429:
-                        after = _retry_after(resp) or 5.0
-                        raise RetryLater(f"HTTP 429 from {urlsplit(current).netloc}", after)
-                    if resp.status in (404, 410):
-                        raise ItemError("image_not_found", f"HTTP {resp.status} from {current}")
-                    if resp.status in (401, 403):
-                        raise ItemError("forbidden", f"HTTP {resp.status} from {current}")
-                    if resp.status >= 500 or resp.status != 200:
-                        raise TransientError(f"HTTP {resp.status} from {current}")
-                    return await self._stream_body(resp, sink)
+            async with (
+                self.hosts.request(current),
+                self.session.get(current, timeout=self._timeout(), allow_redirects=False) as resp,
+            ):
+                self.metrics.external_requests.labels(str(resp.status)).inc()
+                if resp.status in (301, 302, 303, 307, 308):
+                    location = resp.headers.get("Location")
+                    if not location:
+                        raise ItemError("bad_url", f"HTTP {resp.status} without Location")
+                    current = urljoin(current, location)
+                    continue
+                if resp.status == 429:
+                    after = _retry_after(resp) or 5.0
+                    raise RetryLater(f"HTTP 429 from {urlsplit(current).netloc}", after)
+                if resp.status in (404, 410):
+                    raise ItemError("image_not_found", f"HTTP {resp.status} from {current}")
+                if resp.status in (401, 403):
+                    raise ItemError("forbidden", f"HTTP {resp.status} from {current}")
+                if resp.status >= 500 or resp.status != 200:
+                    raise TransientError(f"HTTP {resp.status} from {current}")
+                return await self._stream_body(resp, sink)
         raise ItemError("bad_url", f"more than {MAX_REDIRECTS} redirects from {url[:200]}")
 
 
