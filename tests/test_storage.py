@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from zoho_image_sync import storage
 from zoho_image_sync.storage import (
     TMP_PREFIX,
     ImageSink,
+    ImageWriter,
     sniff_image,
     sweep_temporaries,
     valid_item_id,
@@ -101,3 +107,88 @@ async def test_small_and_spilled_images_get_the_same_mode(tmp_path: Path) -> Non
     finally:
         os.umask(old)
     assert modes == [0o644, 0o644]
+
+
+def _jpeg(n: int) -> bytes:
+    return b"\xff\xd8\xff" + os.urandom(n)
+
+
+async def test_writer_group_commits_one_folder_fsync_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first write is held until 39 more are queued: they must go out as one batch,
+    # with one folder fsync and one loop wake-up, and every file exact.
+    gate, entered = threading.Event(), threading.Event()
+    real_commit, real_fsync = storage._commit_bytes, storage.fsync_dir
+    fsyncs: list[Path] = []
+
+    def held_commit(*args: Any) -> Any:
+        entered.set()
+        gate.wait(10)
+        return real_commit(*args)
+
+    def counted_fsync(folder: Path) -> None:
+        fsyncs.append(folder)
+        real_fsync(folder)
+
+    monkeypatch.setattr(storage, "_commit_bytes", held_commit)
+    monkeypatch.setattr(storage, "fsync_dir", counted_fsync)
+    (tmp_path / "3.png").write_bytes(b"stale image of another type")
+    writer = ImageWriter()
+    writer.start()
+    bodies = {str(i): _jpeg(1000 + i) for i in range(40)}
+    submit = [(tmp_path / f"{i}.jpg", body, i, ("png", "gif")) for i, body in bodies.items()]
+    futures = [writer.submit(*submit[0])]
+    assert await asyncio.to_thread(entered.wait, 10)  # the thread holds the first write
+    futures += [writer.submit(*args) for args in submit[1:]]
+    gate.set()
+    results = await asyncio.gather(*futures)
+    await writer.aclose()
+    assert fsyncs == [tmp_path, tmp_path]  # batch of 1 (held), then the other 39 together
+    for (item_id, body), (stat, digest) in zip(bodies.items(), results, strict=True):
+        path = tmp_path / f"{item_id}.jpg"
+        assert path.read_bytes() == body
+        assert digest == hashlib.sha256(body).hexdigest()
+        assert stat.st_size == len(body) and stat.st_mtime_ns == path.stat().st_mtime_ns
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{i}.jpg" for i in bodies)
+
+
+async def test_writer_fails_only_the_bad_request_of_a_batch(tmp_path: Path) -> None:
+    writer = ImageWriter()
+    writer.start()
+    good = [writer.submit(tmp_path / f"{i}.jpg", _jpeg(500), str(i), ()) for i in range(3)]
+    bad = writer.submit(tmp_path / "missing" / "9.jpg", _jpeg(500), "9", ())
+    with pytest.raises(FileNotFoundError):
+        await bad
+    assert len(await asyncio.gather(*good)) == 3
+    await writer.aclose()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.jpg", "1.jpg", "2.jpg"]
+
+
+async def test_writer_close_finishes_queued_work_and_survives_cancelled_waiters(
+    tmp_path: Path,
+) -> None:
+    writer = ImageWriter()
+    writer.start()
+    futures = [writer.submit(tmp_path / f"{i}.jpg", _jpeg(2000), str(i), ()) for i in range(20)]
+    futures[5].cancel()  # its worker gave up waiting (shutdown deadline): no error on delivery
+    await writer.aclose()
+    await asyncio.gather(*futures, return_exceptions=True)
+    assert all(f.done() for f in futures)
+    assert [f.cancelled() for f in futures].count(True) == 1
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(f"{i}.jpg" for i in range(20))  # written anyway, no temporary
+    with pytest.raises(RuntimeError, match="before start"):
+        writer.submit(tmp_path / "x.jpg", b"", "x", ())
+
+
+async def test_writer_sets_the_mode_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        writer = ImageWriter()
+        writer.start()
+        await writer.commit(tmp_path / "1.jpg", _jpeg(100), "1", ())
+        await writer.aclose()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "1.jpg").stat().st_mode & 0o777 == 0o644

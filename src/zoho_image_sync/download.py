@@ -15,7 +15,7 @@ import structlog
 from .errors import ItemError, StorageError
 from .metrics import Metrics
 from .pager import CatalogueItem
-from .storage import ImageSink, sha256_file
+from .storage import ImageSink, ImageWriter, sha256_file
 from .zoho import ZohoClient
 
 log = structlog.get_logger(__name__)
@@ -72,7 +72,13 @@ def file_matches(previous: dict[str, Any]) -> bool:
         return False
 
 
-async def run_job(job: Job, client: ZohoClient, images_dir: Path, metrics: Metrics) -> Outcome:
+async def run_job(
+    job: Job,
+    client: ZohoClient,
+    images_dir: Path,
+    metrics: Metrics,
+    writer: ImageWriter | None = None,
+) -> Outcome:
     """Download (or verify) one image; never raises for a per-item failure."""
     item = job.item
     base = image_fields(item, job.identity, job.url)
@@ -80,7 +86,7 @@ async def run_job(job: Job, client: ZohoClient, images_dir: Path, metrics: Metri
     if job.verify_only and prev is not None and await asyncio.to_thread(file_matches, prev):
         mtime_ns = os.stat(prev["path"]).st_mtime_ns
         return Outcome("unchanged", {**base, "mtime_ns": mtime_ns})
-    sink = ImageSink(images_dir, item.item_id)
+    sink = ImageSink(images_dir, item.item_id, writer=writer)
     t0 = time.perf_counter()
     metrics.downloads_in_flight.inc()
     try:

@@ -12,8 +12,11 @@ import contextlib
 import hashlib
 import itertools
 import os
+import queue
 import re
+import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -61,12 +64,22 @@ def fsync_dir(folder: Path) -> None:
 
 
 _COUNTER = itertools.count()
+_PID = os.getpid()
+
+
+def _after_fork() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _unique() -> str:
     # pid + counter: unique among every writer on this host (O_EXCL refuses a clash anyway),
-    # and far cheaper than secrets.token_hex, which showed in the per-image profile.
-    return f"{os.getpid()}-{next(_COUNTER)}"
+    # and far cheaper than secrets.token_hex, which showed in the per-image profile. The pid
+    # is cached (13,000 getpid calls in a 5,000-image pass otherwise).
+    return f"{_PID}-{next(_COUNTER)}"
 
 
 def temp_name(folder: Path, stem: str) -> Path:
@@ -74,11 +87,15 @@ def temp_name(folder: Path, stem: str) -> Path:
     return folder / f"{TMP_PREFIX}{stem}-{_unique()}"
 
 
-def _replace_durably(final: Path, data: bytes, mode: int) -> os.stat_result:
-    """Temp file in the same folder, write, fchmod, fsync, rename, fsync the folder.
+def _replace_durably(
+    final: Path, data: bytes, mode: int, sync_folder: bool = True
+) -> os.stat_result:
+    """Temp file in the same folder, write, fsync, rename, fsync the folder.
 
     Plain ``os`` calls on strings: at thousands of images a second pathlib's overhead showed
-    in the profile. The mode is set on the descriptor, so it does not depend on the umask.
+    in the profile. The mode does not depend on the umask: the descriptor is fchmod-ed when
+    the umask took bits away. ``sync_folder=False`` leaves the folder fsync to the caller
+    (the image writer does one per batch).
     """
     folder = str(final.parent)
     tmp = os.path.join(folder, f"{TMP_PREFIX}{final.name}-{_unique()}")
@@ -89,9 +106,11 @@ def _replace_durably(final: Path, data: bytes, mode: int) -> os.stat_result:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            os.fchmod(fd, mode)
             os.fsync(fd)
             st = os.fstat(fd)
+            if st.st_mode & 0o7777 != mode:
+                os.fchmod(fd, mode)
+                st = os.fstat(fd)
         finally:
             os.close(fd)
         os.replace(tmp, final)
@@ -99,7 +118,8 @@ def _replace_durably(final: Path, data: bytes, mode: int) -> os.stat_result:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(final.parent)
+    if sync_folder:
+        fsync_dir(final.parent)
     return st
 
 
@@ -156,17 +176,134 @@ def remove_item_images(
 
 
 def _commit_bytes(
-    final: Path, data: bytes, item_id: str, stale: Iterable[str]
+    final: Path, data: bytes, item_id: str, stale: Iterable[str], sync_folder: bool = True
 ) -> tuple[os.stat_result, str]:
-    """One thread hop per image: hash, write durably, drop the stale extensions.
+    """Hash, write durably, drop the stale extensions (blocking).
 
     The hash is taken here, off the event loop: chunk by chunk on the loop it showed in
     the profile, and so did a second thread hop for the stat.
     """
     digest = hashlib.sha256(data).hexdigest()
-    st = _replace_durably(final, data, 0o644)
+    st = _replace_durably(final, data, 0o644, sync_folder)
     remove_item_images(final.parent, item_id, final, stale)
     return st, digest
+
+
+Committed = tuple[os.stat_result, str]
+
+
+@dataclass(slots=True)
+class _Request:
+    final: Path
+    data: bytes
+    item_id: str
+    stale: tuple[str, ...]
+    future: asyncio.Future[Committed]
+    result: Committed | None = None
+    error: BaseException | None = None
+
+
+def _deliver(batch: list[_Request]) -> None:
+    for req in batch:
+        if req.future.done():  # the waiting worker was cancelled; the file is written anyway
+            continue
+        if req.error is not None:
+            req.future.set_exception(req.error)
+        else:
+            assert req.result is not None
+            req.future.set_result(req.result)
+
+
+class ImageWriter:
+    """One thread that writes every image of a pass, in batches (group commit).
+
+    A worker hands over an image's bytes and awaits a future. The thread takes whatever is
+    queued (up to ``max_batch``), writes and fsyncs each file and renames it into place,
+    then fsyncs each folder once for the whole batch and wakes the event loop once. A
+    future resolves only after its folder fsync: an image counts as written when its
+    rename is durable, as before. Against one ``asyncio.to_thread`` per image this saves
+    the executor's hand-offs, most folder fsyncs and most loop wake-ups; the profile put
+    those at ~40 % of the CPU per image.
+    """
+
+    def __init__(self, max_batch: int = 64) -> None:
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread (call from the event loop that will await the commits)."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="zis-image-writer", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, final: Path, data: bytes, item_id: str, stale: tuple[str, ...]
+    ) -> asyncio.Future[Committed]:
+        """Queue ``data`` for ``final``; the future gives its stat and sha256 once durable."""
+        if self._thread is None or self._loop is None:
+            raise RuntimeError("ImageWriter.submit before start()")
+        future: asyncio.Future[Committed] = self._loop.create_future()
+        self._queue.put(_Request(final, data, item_id, stale, future))
+        return future
+
+    async def commit(
+        self, final: Path, data: bytes, item_id: str, stale: tuple[str, ...]
+    ) -> Committed:
+        """Write ``data`` to ``final`` durably; returns its stat and sha256."""
+        return await self.submit(final, data, item_id, stale)
+
+    async def aclose(self) -> None:
+        """Finish everything queued, then stop the thread."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._queue.put(None)
+        await asyncio.to_thread(thread.join)
+
+    def _run(self) -> None:
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        loop = self._loop
+        assert loop is not None
+        while True:
+            first = get()
+            if first is None:
+                return
+            batch = [first]
+            last = False
+            while len(batch) < self.max_batch:
+                try:
+                    req = get_nowait()
+                except queue.Empty:
+                    break
+                if req is None:
+                    last = True
+                    break
+                batch.append(req)
+            folders: dict[Path, list[_Request]] = {}
+            for req in batch:
+                try:
+                    req.result = _commit_bytes(req.final, req.data, req.item_id, req.stale, False)
+                except BaseException as exc:  # delivered to the worker that waits for it
+                    req.error = exc
+                else:
+                    folders.setdefault(req.final.parent, []).append(req)
+                req.data = b""
+            for folder, reqs in folders.items():
+                try:
+                    fsync_dir(folder)
+                except OSError as exc:
+                    for req in reqs:
+                        req.result, req.error = None, exc
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+            if last:
+                return
 
 
 class ImageSink:
@@ -177,8 +314,15 @@ class ImageSink:
     that, so memory stays bounded at workers x spill_bytes whatever the image size.
     """
 
-    def __init__(self, images_dir: Path, item_id: str, spill_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        images_dir: Path,
+        item_id: str,
+        spill_bytes: int = 1 << 20,
+        writer: ImageWriter | None = None,
+    ) -> None:
         self.images_dir = images_dir
+        self.writer = writer
         self.item_id = item_id
         self.spill_bytes = spill_bytes
         self.size = 0
@@ -226,9 +370,12 @@ class ImageSink:
         if self._file is None:
             data = bytes(self._buf)
             self._buf = bytearray()
-            self.stat, self._digest = await asyncio.to_thread(
-                _commit_bytes, final, data, self.item_id, stale
-            )
+            if self.writer is not None:
+                self.stat, self._digest = await self.writer.commit(final, data, self.item_id, stale)
+            else:
+                self.stat, self._digest = await asyncio.to_thread(
+                    _commit_bytes, final, data, self.item_id, stale
+                )
             return final
         else:
             f, tmp = self._file, self._tmp

@@ -31,7 +31,7 @@ from .errors import (
 from .metrics import Metrics
 from .pager import CatalogueItem
 from .state import State
-from .storage import EXTENSIONS, remove_item_images, valid_item_id
+from .storage import EXTENSIONS, ImageWriter, remove_item_images, valid_item_id
 from .zoho import ZohoClient
 
 log = structlog.get_logger(__name__)
@@ -136,6 +136,7 @@ class SyncPass:
         self._complete = False
         self._closing = False
         self._on_disk: dict[str, tuple[str, ...]] = {}
+        self._writer = ImageWriter()
 
     @property
     def complete(self) -> bool:
@@ -169,6 +170,7 @@ class SyncPass:
         requests_before = self.client.requests_sent
         self.metrics.pass_in_progress.set(1)
         self._on_disk = await asyncio.to_thread(_scan_images, self.images_dir)
+        self._writer.start()
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -189,6 +191,7 @@ class SyncPass:
                     task.cancel()
         finally:
             self._tg = None
+            await self._writer.aclose()
             self.metrics.pass_in_progress.set(0)
             self.metrics.queue_depth.set(0)
         self.stats.api_requests = self.client.requests_sent - requests_before
@@ -417,7 +420,9 @@ class SyncPass:
                 try:
                     # Every log line about this item (retries, 429s) carries its id.
                     with structlog.contextvars.bound_contextvars(item_id=job.item.item_id):
-                        outcome = await run_job(job, self.client, self.images_dir, self.metrics)
+                        outcome = await run_job(
+                            job, self.client, self.images_dir, self.metrics, self._writer
+                        )
                 finally:
                     self.progress.in_flight -= 1
                 self._record(job, outcome)
