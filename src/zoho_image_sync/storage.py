@@ -328,7 +328,7 @@ class ImageSink:
         self.size = 0
         self._hash = hashlib.sha256()  # fed only once spilled; else hashed at commit
         self._digest: str | None = None
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = bytearray()
         self._head = b""
         self._tmp: Path | None = None
         self._file: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None
@@ -338,6 +338,13 @@ class ImageSink:
     def head(self) -> bytes:
         """The first bytes received, for the magic-number check."""
         return self._head
+
+    def take(self, body: bytes) -> None:
+        """Take a whole body of at most ``spill_bytes`` at once (nothing received before)."""
+        assert self.size == 0 and self._file is None and len(body) <= self.spill_bytes
+        self.size = len(body)
+        self._head = body[:MAGIC_PREFIX_BYTES]
+        self._buf = body  # no copy: bytes(self._buf) at commit is this very object
 
     async def write(self, chunk: bytes) -> None:
         """Take the next chunk."""

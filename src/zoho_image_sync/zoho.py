@@ -300,6 +300,17 @@ class ZohoClient:
             raise ItemError(
                 "too_large", f"Content-Length {resp.content_length} > max_image_bytes {limit}"
             )
+        length = resp.content_length
+        if length is not None and 0 < length <= sink.spill_bytes:
+            # The common case (a 30-300 KB image with a Content-Length): one read, no
+            # per-chunk loop. aiohttp stops at Content-Length and raises on a short body.
+            body = await resp.read()
+            if len(body) != length:
+                raise aiohttp.ClientPayloadError(f"{len(body)} of {length} bytes")
+            if sniff_image(body[:MAGIC_PREFIX_BYTES]) is None:
+                raise _not_an_image(body[:4096], ctype)
+            sink.take(body)
+            return ImageResult(ext=sniff_image(sink.head) or "", content_type=ctype)
         checked = False
         async for chunk in resp.content.iter_chunked(CHUNK):
             if sink.size + len(chunk) > limit:
