@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import structlog
 from .errors import ItemError, StorageError
 from .metrics import Metrics
 from .pager import CatalogueItem
-from .storage import ImageSink, ImageWriter, sha256_file
+from .storage import Committed, ImageSink, ImageWriter, sha256_file
 from .zoho import ZohoClient
 
 log = structlog.get_logger(__name__)
@@ -72,14 +73,31 @@ def file_matches(previous: dict[str, Any]) -> bool:
         return False
 
 
+@dataclass(slots=True)
+class Handoff:
+    """A fetched image whose body is with the writer thread (``run_job(handoff=True)``).
+
+    The worker is free for its next item; call ``finish()`` once ``future`` is done.
+    """
+
+    future: asyncio.Future[Committed]
+    finish: Callable[[], Outcome]
+
+
 async def run_job(
     job: Job,
     client: ZohoClient,
     images_dir: Path,
     metrics: Metrics,
     writer: ImageWriter | None = None,
-) -> Outcome:
-    """Download (or verify) one image; never raises for a per-item failure."""
+    handoff: bool = False,
+) -> Outcome | Handoff:
+    """Download (or verify) one image; never raises for a per-item failure.
+
+    With ``writer`` and ``handoff``, an image held in memory is handed to the writer and a
+    ``Handoff`` comes back as soon as the body is in: the caller overlaps the next download
+    with this write (the write was ~0.8 ms of every 52 ms round on a 50 ms link).
+    """
     item = job.item
     base = image_fields(item, job.identity, job.url)
     prev = job.previous
@@ -89,31 +107,69 @@ async def run_job(
     sink = ImageSink(images_dir, item.item_id, writer=writer)
     t0 = time.perf_counter()
     metrics.downloads_in_flight.inc()
+    handed = False
     try:
         try:
             result = await client.fetch_image(job.url, sink, item.item_id)
             stale = None if job.on_disk is None else [e for e in job.on_disk if e != result.ext]
+            if handoff and writer is not None and sink.in_memory:
+                path, future = sink.hand_over(writer, result.ext, stale)
+                handed = True
+
+                def finish() -> Outcome:
+                    try:
+                        sink.committed(future.result())
+                    except OSError as exc:
+                        return _write_failed(exc, job, base, images_dir, metrics)
+                    finally:
+                        metrics.downloads_in_flight.dec()
+                    return _written(job, base, sink, path, result.ext, metrics, t0)
+
+                return Handoff(future, finish)
             path = await sink.commit(result.ext, stale)
         except OSError as exc:
-            # The client maps every network error (aiohttp's are OSErrors too) into our
-            # tree, so an OSError here comes from the disk: the spill file or the commit.
-            detail = f"{exc.strerror or exc} ({images_dir})"
-            if exc.errno in DISK_WIDE:
-                # Every other item would fail the same way: stop, do not mark them all failed.
-                await sink.discard()
-                metrics.image_failures.labels("write_failed").inc()
-                raise StorageError(f"images folder refuses writes: {detail}") from None
-            raise ItemError("write_failed", detail) from None
+            await sink.discard()
+            return _write_failed(exc, job, base, images_dir, metrics)
     except ItemError as exc:
         await sink.discard()
-        metrics.image_failures.labels(exc.reason).inc()
-        log.warning("image failed", item_id=item.item_id, reason=exc.reason, detail=exc.detail)
-        return Outcome("error", base, reason=exc.reason, detail=exc.detail)
+        return _item_failed(exc, job, base, metrics)
     except BaseException:
         await sink.discard()
         raise
     finally:
-        metrics.downloads_in_flight.dec()
+        if not handed:
+            metrics.downloads_in_flight.dec()
+    return _written(job, base, sink, path, result.ext, metrics, t0)
+
+
+def _item_failed(exc: ItemError, job: Job, base: dict[str, Any], metrics: Metrics) -> Outcome:
+    metrics.image_failures.labels(exc.reason).inc()
+    log.warning("image failed", item_id=job.item.item_id, reason=exc.reason, detail=exc.detail)
+    return Outcome("error", base, reason=exc.reason, detail=exc.detail)
+
+
+def _write_failed(
+    exc: OSError, job: Job, base: dict[str, Any], images_dir: Path, metrics: Metrics
+) -> Outcome:
+    # The client maps every network error (aiohttp's are OSErrors too) into our tree, so an
+    # OSError here comes from the disk: the spill file or the commit.
+    detail = f"{exc.strerror or exc} ({images_dir})"
+    if exc.errno in DISK_WIDE:
+        # Every other item would fail the same way: stop, do not mark them all failed.
+        metrics.image_failures.labels("write_failed").inc()
+        raise StorageError(f"images folder refuses writes: {detail}") from None
+    return _item_failed(ItemError("write_failed", detail), job, base, metrics)
+
+
+def _written(
+    job: Job,
+    base: dict[str, Any],
+    sink: ImageSink,
+    path: Path,
+    ext: str,
+    metrics: Metrics,
+    t0: float,
+) -> Outcome:
     metrics.download_duration.observe(time.perf_counter() - t0)
     metrics.images_downloaded.inc()
     metrics.bytes_downloaded.inc(sink.size)
@@ -124,12 +180,12 @@ async def run_job(
         **base,
         "status": "downloaded",
         "path": str(path),
-        "ext": result.ext,
+        "ext": ext,
         "sha256": sink.sha256(),
         "bytes": sink.size,
         "mtime_ns": written.st_mtime_ns,
         "reason": None,
         "detail": None,
     }
-    log.debug("image written", item_id=item.item_id, bytes=sink.size, ext=result.ext)
+    log.debug("image written", item_id=job.item.item_id, bytes=sink.size, ext=ext)
     return Outcome("updated" if had_image else "new", fields, bytes=sink.size)

@@ -367,6 +367,28 @@ class ImageSink:
         """Hex digest of the committed image."""
         return self._digest if self._digest is not None else self._hash.hexdigest()
 
+    @property
+    def in_memory(self) -> bool:
+        """Nothing spilled to disk: the writer thread can take the whole body."""
+        return self._file is None
+
+    def hand_over(
+        self, writer: ImageWriter, ext: str, stale: Iterable[str] | None = None
+    ) -> tuple[Path, asyncio.Future[Committed]]:
+        """Queue an in-memory body for ``writer`` and return at once (see ``commit``).
+
+        Pass the future's result to ``committed`` once it is done.
+        """
+        assert self._file is None
+        final = image_path(self.images_dir, self.item_id, ext)
+        stale = EXTENSIONS if stale is None else tuple(stale)
+        data, self._buf = bytes(self._buf), bytearray()
+        return final, writer.submit(final, data, self.item_id, stale)
+
+    def committed(self, done: Committed) -> None:
+        """Take the stat and sha256 of a handed-over body once the writer has it durable."""
+        self.stat, self._digest = done
+
     async def commit(self, ext: str, stale: Iterable[str] | None = None) -> Path:
         """Flush, fsync and rename into ``{images_dir}/{item_id}.{ext}``; fsync the folder.
 

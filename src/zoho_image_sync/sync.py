@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from .download import Job, Outcome, image_fields, run_job
+from .download import Handoff, Job, Outcome, image_fields, run_job
 from .errors import (
     BudgetExhausted,
     ConfigError,
@@ -410,9 +411,11 @@ class SyncPass:
             self._refresh_facts(item, prev, "", "")
 
     async def _worker(self, index: int) -> None:
+        previous: asyncio.Future[Any] | None = None  # this worker's last hand-off
         while index < self.target_workers:
             job = await self._queue.get()
             self.metrics.queue_depth.set(self._queue.qsize())
+            handed = False
             try:
                 if self._stop.is_set():
                     continue
@@ -421,30 +424,65 @@ class SyncPass:
                     # Every log line about this item (retries, 429s) carries its id.
                     with structlog.contextvars.bound_contextvars(item_id=job.item.item_id):
                         outcome = await run_job(
-                            job, self.client, self.images_dir, self.metrics, self._writer
+                            job, self.client, self.images_dir, self.metrics, self._writer, True
                         )
+                    if isinstance(outcome, Handoff):
+                        # The writer has the body; this worker goes on to the next item and
+                        # the item is recorded (and task_done) once its write is durable.
+                        handed = True
+                        outcome.future.add_done_callback(
+                            functools.partial(self._finish, job, outcome)
+                        )
+                        if previous is not None and not previous.done():
+                            # At most two images per worker with the writer: memory stays
+                            # bounded when the disk is slower than the network.
+                            await asyncio.wait({previous})
+                        previous = outcome.future
+                        continue
                 finally:
-                    self.progress.in_flight -= 1
+                    if not handed:
+                        self.progress.in_flight -= 1
                 self._record(job, outcome)
-            except BudgetExhausted:
-                log.warning("daily request budget spent; stopping the pass")
-                self._halt("daily_budget")
-            except StorageError as exc:
-                log.error(
-                    "pausing: the images folder refuses writes",
-                    error=str(exc),
-                    item_id=job.item.item_id,
-                )
-                self._error(job.item.item_id, "write_failed", str(exc))
-                self._halt(fatal=exc)
-            except (FatalPassError, ConfigError, TokenUnavailable) as exc:
-                log.error("the pass cannot complete", error=str(exc), item_id=job.item.item_id)
-                self._halt(fatal=exc)
-            except Exception as exc:
-                log.exception("unexpected error in a worker", item_id=job.item.item_id)
-                self._halt(fatal=FatalPassError(f"internal error on an item: {exc!r}"))
+            except BaseException as exc:
+                if not self._job_failed(job, exc):
+                    raise
             finally:
-                self._queue.task_done()
+                if not handed:
+                    self._queue.task_done()
+
+    def _finish(self, job: Job, handoff: Handoff, _: object) -> None:
+        """A handed-over image's write is done (or failed): record it."""
+        try:
+            self._record(job, handoff.finish())
+        except BaseException as exc:
+            if not self._job_failed(job, exc):
+                raise
+        finally:
+            self.progress.in_flight -= 1
+            self._queue.task_done()
+
+    def _job_failed(self, job: Job, exc: BaseException) -> bool:
+        """Handle what one item's job raised; False for what must propagate (cancellation)."""
+        if isinstance(exc, BudgetExhausted):
+            log.warning("daily request budget spent; stopping the pass")
+            self._halt("daily_budget")
+        elif isinstance(exc, StorageError):
+            log.error(
+                "pausing: the images folder refuses writes",
+                error=str(exc),
+                item_id=job.item.item_id,
+            )
+            self._error(job.item.item_id, "write_failed", str(exc))
+            self._halt(fatal=exc)
+        elif isinstance(exc, FatalPassError | ConfigError | TokenUnavailable):
+            log.error("the pass cannot complete", error=str(exc), item_id=job.item.item_id)
+            self._halt(fatal=exc)
+        elif isinstance(exc, Exception):
+            log.exception("unexpected error in a worker", item_id=job.item.item_id)
+            self._halt(fatal=FatalPassError(f"internal error on an item: {exc!r}"))
+        else:
+            return False
+        return True
 
     def _record(self, job: Job, outcome: Outcome) -> None:
         item_id = job.item.item_id
