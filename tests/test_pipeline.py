@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import SimFactory, assert_mirror, run_once
+from zoho_image_sync import storage
 from zoho_image_sync.simulator import Simulator
 from zoho_image_sync.storage import sniff_image
 
@@ -235,3 +238,31 @@ async def test_a_no_change_pass_rewrites_no_state_entry(
     await run_once(cfg)
     after = json.loads(cfg.storage.state_file.read_bytes())["items"]
     assert after == before  # not even updated_at moved: nothing was rewritten
+
+
+async def test_a_slow_disk_holds_the_workers_at_two_images_each(
+    make_sim: SimFactory, make_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer thread is stuck on the first image: each of the 2 workers may hand over
+    # two bodies, then waits. No more images are fetched into memory until the disk moves.
+    sim: Simulator = await make_sim(**SMALL)
+    cfg = make_config(sim, download={"workers": 2})
+    gate = threading.Event()
+    real = storage._commit_bytes
+
+    def stuck_disk(*args: Any) -> Any:
+        gate.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(storage, "_commit_bytes", stuck_disk)
+    task = asyncio.ensure_future(run_once(cfg))
+    try:
+        await asyncio.wait_for(sim.wait_api_requests(1 + 4), 10)  # the first page + 4 images
+        with pytest.raises(TimeoutError):  # a fifth image would come at once if unbounded
+            await asyncio.wait_for(sim.wait_api_requests(1 + 5), 1.0)
+        assert sum(r.endpoint == "image" for r in sim.records) == 4
+    finally:
+        gate.set()
+    report, code = await task
+    assert code == 0 and report["statistics"]["images_downloaded"] == 120
+    assert_mirror(sim, cfg.storage.images_dir)
