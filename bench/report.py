@@ -46,7 +46,9 @@ def _m(summary: dict[str, dict[str, list[float]]], who: str, key: str) -> float:
 
 
 def raw_section(
-    data: dict[str, Any], targets: Targets, rss_elsewhere: list[tuple[str, float]]
+    data: dict[str, Any],
+    targets: Targets,
+    rss_elsewhere: list[tuple[str, float, float | None]],
 ) -> list[str]:
     """Scenario 1."""
     s = data["summary"]
@@ -134,10 +136,21 @@ def raw_section(
         rss = _m(s, ZIS, "rss_mb")
         n = int(data["images"])
         evidence = [f"{rss:.0f} MB at {n:,} images ({n:,} items, scenario 1)"]
-        evidence += [f"{v:.0f} MB at {label}" for label, v in rss_elsewhere]
-        # Same shape (every item has an image), fewer images: scenario 2.
-        small = [v for label, v in rss_elsewhere if "scenario 2" in label]
-        flat = all(abs(rss - v) <= 0.15 * v for v in small) if small else None
+        evidence += [f"{v:.0f} MB at {label}" for label, v, _ in rss_elsewhere]
+        # Independence of the number of images is judged on one catalogue: scenario 4's
+        # first sync (10 % of the items downloaded) against its no-change re-sync (none
+        # downloaded). Across scenarios the catalogue grows with the images, and the state
+        # of a bigger catalogue costs memory of its own (the scale target covers that).
+        same = [(v, base) for _, v, base in rss_elsewhere if base is not None]
+        if same:
+            flat: bool | None = all(v <= 1.15 * base for v, base in same)
+            evidence += [
+                f"same catalogue: {v:.0f} MB downloading vs {base:.0f} MB downloading nothing"
+                for v, base in same
+            ]
+        else:
+            small = [v for label, v, _ in rss_elsewhere if "scenario 2" in label]
+            flat = all(abs(rss - v) <= 0.15 * v for v in small) if small else None
         targets.add(
             "raw: peak RSS ≤ 80 MB and independent of the number of images",
             "; ".join(evidence),
@@ -455,13 +468,13 @@ def render(env: dict[str, str], results: dict[str, Any]) -> str:
     """The whole RESULTS.md."""
     targets = Targets()
     sections: list[str] = []
-    rss_elsewhere: list[tuple[str, float]] = []
+    rss_elsewhere: list[tuple[str, float, float | None]] = []
     if "latency" in results:
         lat = results["latency"]
         n = int(lat["images"])
         rss_lat = lat["summary"].get(ZIS, {}).get("rss_mb", [])
         if rss_lat:
-            rss_elsewhere.append((f"{n:,} images ({n:,} items, scenario 2)", median(rss_lat)))
+            rss_elsewhere.append((f"{n:,} images ({n:,} items, scenario 2)", median(rss_lat), None))
     if "rate" in results:
         rate = results["rate"]
         rss_rate = [float(r["rss_mb"]) for r in rate["reps"]]
@@ -469,6 +482,7 @@ def render(env: dict[str, str], results: dict[str, Any]) -> str:
             (
                 f"{rate['with_images']:,} images ({rate['items']:,} items, scenario 3)",
                 median(rss_rate),
+                None,
             )
         )
     if "scale" in results:
@@ -477,6 +491,7 @@ def render(env: dict[str, str], results: dict[str, Any]) -> str:
                 (
                     f"{v['with_images']:,} images ({v['items']:,} items, scenario 4 first sync)",
                     float(v["first"]["rss_mb"]),
+                    median([float(r["rss_mb"]) for r in v["resync"]]),
                 )
             )
     if "raw" in results:
