@@ -117,7 +117,7 @@ def raw_section(
             f"zoho-image-sync's own pass rate (report `duration_seconds`, start-up excluded): "
             f"{fmt(zis_pass)} images/s on tmpfs"
             + (f", {fmt(disk_pass)} on ext4" if disk_pass else "")
-            + ". The ext4 row is the cost of the fsyncs (file + folder per image)."
+            + ". The ext4 row is the cost of the fsyncs (one per file, one per folder per batch)."
         )
         out.append("")
     if ZIS in s and aria_ips:
