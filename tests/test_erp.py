@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gzip
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -344,3 +345,48 @@ async def test_incremental_pass_retries_failed_items(
         assert second["status"] == "success"
     finally:
         await service.shutdown()
+
+
+async def test_gzipped_bodies_are_unpacked_and_a_gzip_bomb_stops_at_the_cap(
+    make_sim: SimFactory, make_config: Any, tmp_path: Path
+) -> None:
+    # Content-Length is the packed size here: the one-read path must not be taken, and the
+    # unpacked bytes must be what is stored and what max_image_bytes caps.
+    image = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 400  # ~100 KB, packs well
+    bomb = b"\xff\xd8\xff\xe0" + b"\0" * (20 << 20)  # 20 MB unpacked, ~20 KB packed
+
+    def gz(body: bytes) -> web.Response:
+        packed = gzip.compress(body)
+        return web.Response(
+            body=packed,
+            headers={"Content-Encoding": "gzip", "Content-Type": "image/jpeg"},
+        )
+
+    async def small(request: web.Request) -> web.Response:
+        return gz(image)
+
+    async def huge(request: web.Request) -> web.Response:
+        return gz(bomb)
+
+    app = web.Application()
+    app.router.add_get("/small.jpg", small)
+    app.router.add_get("/bomb.jpg", huge)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        sim = await make_sim(**SMALL)
+        a, b = sim.item_ids_with_images()[:2]
+        url_map = tmp_path / "image_urls.json"
+        url_map.write_text(json.dumps({a: base + "/small.jpg", b: base + "/bomb.jpg"}))
+        cfg = make_config(
+            sim, source={"url_map": str(url_map)}, download={"max_image_bytes": 5 << 20}
+        )
+        report, _ = await run_once(cfg)
+    finally:
+        await runner.cleanup()
+    assert {e["zoho_item_id"]: e["reason"] for e in report["errors"]} == {b: "too_large"}
+    assert (cfg.storage.images_dir / f"{a}.jpg").read_bytes() == image
+    assert not list(cfg.storage.images_dir.glob(f"{b}.*"))

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from conftest import SimFactory, assert_mirror, run_once
+from zoho_image_sync import storage
 from zoho_image_sync.pager import zoho_pages
 from zoho_image_sync.service import Service
 
@@ -171,3 +175,34 @@ async def test_an_item_gone_from_zoho_is_removed_after_two_full_scans(
     assert second["statistics"]["removed"] == 1
     assert not (cfg.storage.images_dir / f"{gone}.jpg").exists()
     assert_mirror(sim, cfg.storage.images_dir)
+
+
+async def test_a_stuck_disk_does_not_hold_a_stop_past_its_deadline(
+    make_sim: SimFactory, make_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer thread hangs on its first image; a stop must still end the pass within the
+    # drain deadline (the late writes finish in the background).
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim, download={"workers": 2}, sync={"shutdown_timeout_seconds": 0.5})
+    gate, entered = threading.Event(), threading.Event()
+    real = storage._commit_bytes
+
+    def stuck_disk(*args: Any) -> Any:
+        entered.set()
+        gate.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(storage, "_commit_bytes", stuck_disk)
+    service = Service(cfg)
+    task = asyncio.create_task(service.once())
+    try:
+        assert await asyncio.to_thread(entered.wait, 10)
+        await sim.wait_api_requests(1 + 4)  # both workers hold two images each
+        t0 = time.monotonic()
+        service.handle_term()
+        report, code = await asyncio.wait_for(task, 10)
+        assert time.monotonic() - t0 < 3
+        assert code == 75 and report["status"] == "interrupted"
+        assert report["statistics"]["images_downloaded"] == 0
+    finally:
+        gate.set()

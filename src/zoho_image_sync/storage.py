@@ -256,13 +256,37 @@ class ImageWriter:
         """Write ``data`` to ``final`` durably; returns its stat and sha256."""
         return await self.submit(final, data, item_id, stale)
 
-    async def aclose(self) -> None:
-        """Finish everything queued, then stop the thread."""
+    async def aclose(self, wait_at_most: float | None = None) -> bool:
+        """Finish everything queued, then stop the thread; False if ``wait_at_most`` ran out.
+
+        After that the (daemon) thread goes on with what is queued: a stuck disk must
+        not hold a shutdown past its deadline. Its late results are still delivered.
+        """
         thread, self._thread = self._thread, None
         if thread is None:
-            return
+            return True
         self._queue.put(None)
-        await asyncio.to_thread(thread.join)
+        join = asyncio.ensure_future(asyncio.to_thread(thread.join))
+        done, _ = await asyncio.wait({join}, timeout=wait_at_most)
+        return bool(done)
+
+    @staticmethod
+    def _write_batch(batch: list[_Request]) -> None:
+        folders: dict[Path, list[_Request]] = {}
+        for req in batch:
+            try:
+                req.result = _commit_bytes(req.final, req.data, req.item_id, req.stale, False)
+            except Exception as exc:  # delivered to the worker that waits for it
+                req.error = exc
+            else:
+                folders.setdefault(req.final.parent, []).append(req)
+            req.data = b""
+        for folder, reqs in folders.items():
+            try:
+                fsync_dir(folder)
+            except OSError as exc:
+                for req in reqs:
+                    req.result, req.error = None, exc
 
     def _run(self) -> None:
         get, get_nowait = self._queue.get, self._queue.get_nowait
@@ -283,21 +307,12 @@ class ImageWriter:
                     last = True
                     break
                 batch.append(req)
-            folders: dict[Path, list[_Request]] = {}
-            for req in batch:
-                try:
-                    req.result = _commit_bytes(req.final, req.data, req.item_id, req.stale, False)
-                except BaseException as exc:  # delivered to the worker that waits for it
-                    req.error = exc
-                else:
-                    folders.setdefault(req.final.parent, []).append(req)
-                req.data = b""
-            for folder, reqs in folders.items():
-                try:
-                    fsync_dir(folder)
-                except OSError as exc:
-                    for req in reqs:
-                        req.result, req.error = None, exc
+            try:
+                self._write_batch(batch)
+            except BaseException as exc:  # never leave a worker waiting on a dead thread
+                for req in batch:
+                    if req.result is None and req.error is None:
+                        req.error = exc
             try:
                 loop.call_soon_threadsafe(_deliver, batch)
             except RuntimeError:  # the loop is closed: nobody is waiting any more

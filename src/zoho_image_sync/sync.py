@@ -136,6 +136,8 @@ class SyncPass:
         self._tg: asyncio.TaskGroup | None = None
         self._complete = False
         self._closing = False
+        self._deadline: float | None = None  # monotonic; set when a stop starts the drain clock
+        self._reported = False  # the report is being built: late writes touch only the state
         self._on_disk: dict[str, tuple[str, ...]] = {}
         self._writer = ImageWriter()
 
@@ -192,7 +194,13 @@ class SyncPass:
                     task.cancel()
         finally:
             self._tg = None
-            await self._writer.aclose()
+            # A stop gives the writes the rest of the drain deadline, not more (a stuck disk
+            # must not hold a SIGTERM past TimeoutStopSec); otherwise every write finishes.
+            deadline = self._deadline
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not await self._writer.aclose(left):
+                log.warning("writes still pending at the deadline; they finish in the background")
+            self._reported = True
             self.metrics.pass_in_progress.set(0)
             self.metrics.queue_depth.set(0)
         self.stats.api_requests = self.client.requests_sent - requests_before
@@ -231,6 +239,7 @@ class SyncPass:
             await asyncio.wait({join, stop}, return_when=asyncio.FIRST_COMPLETED)
             if not join.done():
                 # Stopping: workers drop queued jobs and finish the one in hand.
+                self._deadline = time.monotonic() + self.shutdown_timeout
                 done, _ = await asyncio.wait({join}, timeout=self.shutdown_timeout)
                 if not done:
                     busy = sum(1 for t in self._workers.values() if not t.done())
@@ -453,7 +462,14 @@ class SyncPass:
     def _finish(self, job: Job, handoff: Handoff, _: object) -> None:
         """A handed-over image's write is done (or failed): record it."""
         try:
-            self._record(job, handoff.finish())
+            outcome = handoff.finish()
+            if self._reported:
+                # Finished after the stop's deadline: the report is out, but the file is
+                # durable, so the state (journal) still learns of it.
+                if outcome.kind != "error":
+                    self.state.put(job.item.item_id, **outcome.fields)
+                return
+            self._record(job, outcome)
         except BaseException as exc:
             if not self._job_failed(job, exc):
                 raise

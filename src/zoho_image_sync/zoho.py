@@ -301,9 +301,12 @@ class ZohoClient:
                 "too_large", f"Content-Length {resp.content_length} > max_image_bytes {limit}"
             )
         length = resp.content_length
-        if length is not None and 0 < length <= sink.spill_bytes:
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        if length is not None and 0 < length <= sink.spill_bytes and encoding == "identity":
             # The common case (a 30-300 KB image with a Content-Length): one read, no
             # per-chunk loop. aiohttp stops at Content-Length and raises on a short body.
+            # Not for a compressed body: Content-Length is then the packed size, and only
+            # the chunked loop below caps what it unpacks to (a gzip bomb stops at the cap).
             body = await resp.read()
             if len(body) != length:
                 raise aiohttp.ClientPayloadError(f"{len(body)} of {length} bytes")
