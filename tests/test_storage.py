@@ -187,7 +187,7 @@ async def test_writer_sets_the_mode_whatever_the_umask(tmp_path: Path) -> None:
     try:
         writer = ImageWriter()
         writer.start()
-        await writer.commit(tmp_path / "1.jpg", _jpeg(100), "1", ())
+        await writer.submit(tmp_path / "1.jpg", _jpeg(100), "1", ())
         await writer.aclose()
     finally:
         os.umask(old)

@@ -75,7 +75,7 @@ def file_matches(previous: dict[str, Any]) -> bool:
 
 @dataclass(slots=True)
 class Handoff:
-    """A fetched image whose body is with the writer thread (``run_job(handoff=True)``).
+    """A fetched image whose body is with the writer thread (``run_job`` with a writer).
 
     The worker is free for its next item; call ``finish()`` once ``future`` is done.
     """
@@ -90,11 +90,10 @@ async def run_job(
     images_dir: Path,
     metrics: Metrics,
     writer: ImageWriter | None = None,
-    handoff: bool = False,
 ) -> Outcome | Handoff:
     """Download (or verify) one image; never raises for a per-item failure.
 
-    With ``writer`` and ``handoff``, an image held in memory is handed to the writer and a
+    With a ``writer``, an image held in memory is handed to the writer and a
     ``Handoff`` comes back as soon as the body is in: the caller overlaps the next download
     with this write (the write was ~0.8 ms of every 52 ms round on a 50 ms link).
     """
@@ -104,7 +103,7 @@ async def run_job(
     if job.verify_only and prev is not None and await asyncio.to_thread(file_matches, prev):
         mtime_ns = os.stat(prev["path"]).st_mtime_ns
         return Outcome("unchanged", {**base, "mtime_ns": mtime_ns})
-    sink = ImageSink(images_dir, item.item_id, writer=writer)
+    sink = ImageSink(images_dir, item.item_id)
     t0 = time.perf_counter()
     metrics.downloads_in_flight.inc()
     handed = False
@@ -112,7 +111,7 @@ async def run_job(
         try:
             result = await client.fetch_image(job.url, sink, item.item_id)
             stale = None if job.on_disk is None else [e for e in job.on_disk if e != result.ext]
-            if handoff and writer is not None and sink.in_memory:
+            if writer is not None and sink.in_memory:
                 path, future = sink.hand_over(writer, result.ext, stale)
                 handed = True
 

@@ -189,6 +189,18 @@ def _commit_bytes(
     return st, digest
 
 
+def _place_spilled(
+    tmp: Path, final: Path, item_id: str, stale: Iterable[str]
+) -> os.stat_result:
+    """Put a spilled (already fsynced) temporary in place; one thread hop (blocking)."""
+    # The same mode as the small-image path, whatever the umask: the ERP reads these.
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    remove_item_images(final.parent, item_id, final, stale)
+    return os.stat(final)
+
+
 Committed = tuple[os.stat_result, str]
 
 
@@ -249,12 +261,6 @@ class ImageWriter:
         future: asyncio.Future[Committed] = self._loop.create_future()
         self._queue.put(_Request(final, data, item_id, stale, future))
         return future
-
-    async def commit(
-        self, final: Path, data: bytes, item_id: str, stale: tuple[str, ...]
-    ) -> Committed:
-        """Write ``data`` to ``final`` durably; returns its stat and sha256."""
-        return await self.submit(final, data, item_id, stale)
 
     async def aclose(self, wait_at_most: float | None = None) -> bool:
         """Finish everything queued, then stop the thread; False if ``wait_at_most`` ran out.
@@ -334,10 +340,8 @@ class ImageSink:
         images_dir: Path,
         item_id: str,
         spill_bytes: int = 1 << 20,
-        writer: ImageWriter | None = None,
     ) -> None:
         self.images_dir = images_dir
-        self.writer = writer
         self.item_id = item_id
         self.spill_bytes = spill_bytes
         self.size = 0
@@ -394,11 +398,16 @@ class ImageSink:
 
         Pass the future's result to ``committed`` once it is done.
         """
+        final, data, stale_exts = self._take_buffer(ext, stale)
+        return final, writer.submit(final, data, self.item_id, stale_exts)
+
+    def _take_buffer(
+        self, ext: str, stale: Iterable[str] | None
+    ) -> tuple[Path, bytes, tuple[str, ...]]:
         assert self._file is None
         final = image_path(self.images_dir, self.item_id, ext)
-        stale = EXTENSIONS if stale is None else tuple(stale)
         data, self._buf = bytes(self._buf), bytearray()
-        return final, writer.submit(final, data, self.item_id, stale)
+        return final, data, EXTENSIONS if stale is None else tuple(stale)
 
     def committed(self, done: Committed) -> None:
         """Take the stat and sha256 of a handed-over body once the writer has it durable."""
@@ -409,34 +418,24 @@ class ImageSink:
 
         ``stale``: the extensions this item may have on disk besides ``ext`` (None: any).
         """
+        if self._file is None:
+            final, data, stale_exts = self._take_buffer(ext, stale)
+            self.stat, self._digest = await asyncio.to_thread(
+                _commit_bytes, final, data, self.item_id, stale_exts
+            )
+            return final
         final = image_path(self.images_dir, self.item_id, ext)
         stale = EXTENSIONS if stale is None else tuple(stale)
-        if self._file is None:
-            data = bytes(self._buf)
-            self._buf = bytearray()
-            if self.writer is not None:
-                self.stat, self._digest = await self.writer.commit(final, data, self.item_id, stale)
-            else:
-                self.stat, self._digest = await asyncio.to_thread(
-                    _commit_bytes, final, data, self.item_id, stale
-                )
-            return final
-        else:
-            f, tmp = self._file, self._tmp
-            assert tmp is not None
-            self._file = None
-            try:
-                await f.flush()
-                await asyncio.to_thread(os.fsync, f.fileno())
-            finally:
-                await f.close()
-            # The same mode as the small-image path, whatever the umask: the ERP reads these.
-            await asyncio.to_thread(os.chmod, tmp, 0o644)
-            await aiofiles.os.replace(tmp, final)
-            self._tmp = None
-            await asyncio.to_thread(fsync_dir, self.images_dir)
-        await asyncio.to_thread(remove_item_images, self.images_dir, self.item_id, final, stale)
-        self.stat = await asyncio.to_thread(os.stat, final)
+        f, tmp = self._file, self._tmp
+        assert tmp is not None
+        self._file = None
+        try:
+            await f.flush()
+            await asyncio.to_thread(os.fsync, f.fileno())
+        finally:
+            await f.close()
+        self.stat = await asyncio.to_thread(_place_spilled, tmp, final, self.item_id, stale)
+        self._tmp = None
         return final
 
     def reset(self) -> None:

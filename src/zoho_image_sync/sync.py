@@ -433,7 +433,7 @@ class SyncPass:
                     # Every log line about this item (retries, 429s) carries its id.
                     with structlog.contextvars.bound_contextvars(item_id=job.item.item_id):
                         outcome = await run_job(
-                            job, self.client, self.images_dir, self.metrics, self._writer, True
+                            job, self.client, self.images_dir, self.metrics, self._writer
                         )
                     if isinstance(outcome, Handoff):
                         # The writer has the body; this worker goes on to the next item and

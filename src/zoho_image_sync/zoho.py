@@ -296,11 +296,9 @@ class ZohoClient:
     async def _stream_body(self, resp: aiohttp.ClientResponse, sink: ImageSink) -> ImageResult:
         ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
         limit = self.config.download.max_image_bytes
-        if resp.content_length is not None and resp.content_length > limit:
-            raise ItemError(
-                "too_large", f"Content-Length {resp.content_length} > max_image_bytes {limit}"
-            )
         length = resp.content_length
+        if length is not None and length > limit:
+            raise ItemError("too_large", f"Content-Length {length} > max_image_bytes {limit}")
         encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
         if length is not None and 0 < length <= sink.spill_bytes and encoding == "identity":
             # The common case (a 30-300 KB image with a Content-Length): one read, no
@@ -310,10 +308,11 @@ class ZohoClient:
             body = await resp.read()
             if len(body) != length:
                 raise aiohttp.ClientPayloadError(f"{len(body)} of {length} bytes")
-            if sniff_image(body[:MAGIC_PREFIX_BYTES]) is None:
+            ext = sniff_image(body[:MAGIC_PREFIX_BYTES])
+            if ext is None:
                 raise _not_an_image(body[:4096], ctype)
             sink.take(body)
-            return ImageResult(ext=sniff_image(sink.head) or "", content_type=ctype)
+            return ImageResult(ext=ext, content_type=ctype)
         checked = False
         async for chunk in resp.content.iter_chunked(CHUNK):
             if sink.size + len(chunk) > limit:
