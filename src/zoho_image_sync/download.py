@@ -6,7 +6,7 @@ import asyncio
 import errno
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,9 @@ class Job:
     item: CatalogueItem
     url: str
     identity: str
-    previous: dict[str, Any] | None
+    previous: Mapping[str, Any] | None
     verify_only: bool = False
-    on_disk: tuple[str, ...] | None = None  # this item's extensions found at pass start
+    on_disk: tuple[str, ...] = ()  # this item's extensions found at pass start
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,15 +62,16 @@ def image_fields(item: CatalogueItem, identity: str, url: str) -> dict[str, Any]
     }
 
 
-def file_matches(previous: dict[str, Any]) -> bool:
-    """The recorded file exists with the recorded sha256 (blocking; hashes the file)."""
+def verified_stat(previous: Mapping[str, Any]) -> os.stat_result | None:
+    """The recorded file's stat if it exists with the recorded sha256 (blocking; hashes it)."""
     path = previous.get("path")
     if not path:
-        return False
+        return None
     try:
-        return sha256_file(Path(path)) == previous.get("sha256")
+        digest, st = sha256_file(path)
     except OSError:
-        return False
+        return None
+    return st if digest == previous.get("sha256") else None
 
 
 @dataclass(slots=True)
@@ -100,9 +101,10 @@ async def run_job(
     item = job.item
     base = image_fields(item, job.identity, job.url)
     prev = job.previous
-    if job.verify_only and prev is not None and await asyncio.to_thread(file_matches, prev):
-        mtime_ns = os.stat(prev["path"]).st_mtime_ns
-        return Outcome("unchanged", {**base, "mtime_ns": mtime_ns})
+    if job.verify_only and prev is not None:
+        st = await asyncio.to_thread(verified_stat, prev)
+        if st is not None:
+            return Outcome("unchanged", {**base, "mtime_ns": st.st_mtime_ns})
     sink = ImageSink(images_dir, item.item_id)
     t0 = time.perf_counter()
     metrics.downloads_in_flight.inc()
@@ -110,7 +112,7 @@ async def run_job(
     try:
         try:
             result = await client.fetch_image(job.url, sink, item.item_id)
-            stale = None if job.on_disk is None else [e for e in job.on_disk if e != result.ext]
+            stale = [e for e in job.on_disk if e != result.ext]
             if writer is not None and sink.in_memory:
                 path, future = sink.hand_over(writer, result.ext, stale)
                 handed = True

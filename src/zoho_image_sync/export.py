@@ -16,12 +16,22 @@ from .storage import write_bytes_atomic
 def erp_records(state: State, images_dir: Path) -> list[dict[str, Any]]:
     """The records of CONTRACT.md, sorted by item id for stable output."""
     root = images_dir.parent.parent
+    folder = str(images_dir)
+    try:
+        present = set(os.listdir(folder))  # one folder read, not a stat per image
+    except FileNotFoundError:
+        present = set()
+
+    def on_disk(path: str) -> bool:
+        where, name = os.path.split(path)
+        return name in present if where == folder else os.path.exists(path)
+
     out = []
     for item_id in sorted(state.items):
         e = state.items[item_id]
         path = e.get("path")
         rel: str | None = None
-        if e.get("status") == "downloaded" and path and os.path.exists(path):
+        if e.get("status") == "downloaded" and path and on_disk(path):
             rel = Path(os.path.relpath(path, root)).as_posix()
         out.append(
             {

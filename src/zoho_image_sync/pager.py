@@ -64,10 +64,10 @@ def _text(value: object) -> str:
 
 
 async def zoho_pages(
-    client: ZohoClient, start_page: int = 1, extra: dict[str, str] | None = None
+    client: ZohoClient, extra: dict[str, str] | None = None
 ) -> AsyncIterator[tuple[int, list[CatalogueItem]]]:
     """Every page of the item list, until ``has_more_page`` is false."""
-    page = start_page
+    page = 1
     while True:
         raw_items, has_more = await client.items_page(page, PER_PAGE, extra)
         items = [CatalogueItem.from_zoho(r) for r in raw_items if isinstance(r, Mapping)]

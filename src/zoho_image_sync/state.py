@@ -27,7 +27,7 @@ from typing import Any, Final
 import orjson
 import structlog
 
-from .storage import EXTENSIONS, sha256_file, valid_item_id, write_bytes_atomic
+from .storage import sha256_file, split_image_name, valid_item_id, write_bytes_atomic
 
 STATE_VERSION: Final = 1
 STATUSES: Final = ("downloaded", "no_image", "failed", "pending")
@@ -74,9 +74,7 @@ class State:
         os.write(self._journal_fd, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
 
     def _rotate(self) -> None:
-        if self._journal_fd is not None:
-            os.close(self._journal_fd)
-            self._journal_fd = None
+        self.close()
         with contextlib.suppress(FileNotFoundError):
             if self._rotated_path.exists():
                 # An earlier save failed after rotating: keep both generations in order.
@@ -247,16 +245,19 @@ def rebuild_from_disk(state: State, images_dir: Path) -> int:
     """
     adopted = 0
     for path in sorted(images_dir.iterdir()):
-        item_id, dot, ext = path.name.rpartition(".")
-        if not dot or ext not in EXTENSIONS or not valid_item_id(item_id) or not path.is_file():
+        parsed = split_image_name(path.name)
+        if parsed is None or not valid_item_id(parsed[0]):
             continue
-        st = path.stat()
+        item_id, ext = parsed
+        if not path.is_file():  # before opening it: a FIFO named 1.jpg would block the read
+            continue
+        digest, st = sha256_file(path)
         state.put(
             item_id,
             status="downloaded",
             path=str(path),
             ext=ext,
-            sha256=sha256_file(path),
+            sha256=digest,
             bytes=st.st_size,
             mtime_ns=st.st_mtime_ns,
             identity=None,

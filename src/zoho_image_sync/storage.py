@@ -146,13 +146,19 @@ def sweep_temporaries(folder: Path) -> int:
     return removed
 
 
-def sha256_file(path: Path) -> str:
-    """The sha256 of a file's content (blocking)."""
+def sha256_file(path: Path | str) -> tuple[str, os.stat_result]:
+    """The sha256 of a file's content and the stat of what was hashed (blocking)."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    return h.hexdigest()
+        return h.hexdigest(), os.fstat(f.fileno())
+
+
+def split_image_name(name: str) -> tuple[str, str] | None:
+    """``(item_id, ext)`` for a file name of the images folder, None for anything else."""
+    item_id, dot, ext = name.rpartition(".")
+    return (item_id, ext) if dot and ext in EXTENSIONS else None
 
 
 def remove_item_images(
@@ -189,9 +195,7 @@ def _commit_bytes(
     return st, digest
 
 
-def _place_spilled(
-    tmp: Path, final: Path, item_id: str, stale: Iterable[str]
-) -> os.stat_result:
+def _place_spilled(tmp: Path, final: Path, item_id: str, stale: Iterable[str]) -> os.stat_result:
     """Put a spilled (already fsynced) temporary in place; one thread hop (blocking)."""
     # The same mode as the small-image path, whatever the umask: the ERP reads these.
     os.chmod(tmp, 0o644)

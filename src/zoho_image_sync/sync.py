@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,12 @@ from .errors import (
 from .metrics import Metrics
 from .pager import CatalogueItem
 from .state import State
-from .storage import EXTENSIONS, ImageWriter, remove_item_images, valid_item_id
+from .storage import (
+    ImageWriter,
+    remove_item_images,
+    split_image_name,
+    valid_item_id,
+)
 from .zoho import ZohoClient
 
 log = structlog.get_logger(__name__)
@@ -265,16 +270,9 @@ class SyncPass:
                 await self._retry_unlisted()
             self._complete = not self._stop.is_set()
             self.progress.catalogue_done = True
-        except BudgetExhausted as exc:
-            log.warning("daily request budget spent; stopping the pass", error=str(exc))
-            self._halt("daily_budget")
-        except (FatalPassError, ConfigError, TokenUnavailable) as exc:
-            log.error("catalogue paging failed; the pass cannot complete", error=str(exc))
-            self._halt(fatal=exc)
         except Exception as exc:
             # A bug must fail the pass (and be retried later), not crash the daemon.
-            log.exception("unexpected error while paging")
-            self._halt(fatal=FatalPassError(f"internal error while paging: {exc!r}"))
+            self._halt_for(exc)
 
     async def _put(self, job: Job) -> None:
         self.progress.queued += 1
@@ -318,10 +316,9 @@ class SyncPass:
             self._error(shown, "bad_item_id", "id must match ^[A-Za-z0-9_-]{1,64}$")
             self.metrics.image_failures.labels("bad_item_id").inc()
             return
-        previous = self.state.get(item_id)
-        if previous is not None and previous.get("missing"):
-            previous = self.state.put(item_id, missing=False)
-        prev = dict(previous) if previous is not None else None
+        prev = self.state.get(item_id)  # entries are replaced on put, never changed: no copy
+        if prev is not None and prev.get("missing"):
+            prev = self.state.put(item_id, missing=None)
         url = self.url_map.get(item_id) or item.image_url
         if item_id in self.url_map:
             item = _with_map(item)
@@ -342,41 +339,31 @@ class SyncPass:
             )
             return
         identity = image_identity(item, url)
-        if (
+        same = (
             prev is not None
             and prev.get("status") == "downloaded"
             and prev.get("identity") == identity
-        ):
-            if _stat_matches(prev):
-                self.stats.unchanged += 1
-                self._refresh_facts(item, prev, identity, url)
-                return
-            if prev.get("path") and os.path.exists(prev["path"]):
-                await self._put(
-                    Job(
-                        item,
-                        url,
-                        identity,
-                        prev,
-                        verify_only=True,
-                        on_disk=self._on_disk.get(item_id, ()),
-                    )
-                )
-                return
-        await self._put(Job(item, url, identity, prev, on_disk=self._on_disk.get(item_id, ())))
+        )
+        if same and prev is not None and _stat_matches(prev):
+            self.stats.unchanged += 1
+            self._refresh_facts(item, prev, identity, url)
+            return
+        # The same image with another size or mtime (or no file): the job hashes the file
+        # and downloads again only if the bytes differ or it is gone.
+        on_disk = self._on_disk.get(item_id, ())
+        await self._put(Job(item, url, identity, prev, verify_only=same, on_disk=on_disk))
 
     async def _retry_unlisted(self) -> None:
         """Incremental passes list only modified items: retry our failed and pending ones too."""
         again = [
-            (item_id, dict(e))
+            (item_id, e)
             for item_id, e in self.state.items.items()
             if item_id not in self._seen and e.get("status") in ("failed", "pending")
         ]
         for item_id, e in again:
             if self._stop.is_set():
                 return
-            url = e.get("image_url") or ""
-            from_map = item_id in self.url_map
+            # A url_map entry wins over image_url in _plan, whatever is passed here.
             await self._plan(
                 CatalogueItem(
                     item_id=item_id,
@@ -385,22 +372,25 @@ class SyncPass:
                     image_name=e.get("image_name") or "",
                     image_type=e.get("image_type") or "",
                     image_document_id=e.get("image_document_id") or "",
-                    image_url="" if from_map else url,
+                    image_url=e.get("image_url") or "",
                 )
             )
 
     def _refresh_facts(
-        self, item: CatalogueItem, prev: dict[str, Any], identity: str, url: str
+        self, item: CatalogueItem, prev: Mapping[str, Any], identity: str, url: str
     ) -> None:
         facts = image_fields(item, identity, url)
         # The state drops empty values: "" and None both read back as missing.
         if any((prev.get(k) or None) != (v or None) for k, v in facts.items()):
             self.state.put(item.item_id, **facts)
 
-    async def _no_image(self, item: CatalogueItem, prev: dict[str, Any] | None) -> None:
+    async def _no_image(self, item: CatalogueItem, prev: Mapping[str, Any] | None) -> None:
         self.stats.no_image += 1
-        if prev is not None and prev.get("path"):
-            removed = await asyncio.to_thread(remove_item_images, self.images_dir, item.item_id)
+        exts = self._on_disk.get(item.item_id, ())
+        if prev is not None and prev.get("path") and exts:
+            removed = await asyncio.to_thread(
+                remove_item_images, self.images_dir, item.item_id, None, exts
+            )
             if removed:
                 self.stats.removed += 1
                 log.info("image gone from Zoho; local file removed", item_id=item.item_id)
@@ -452,9 +442,8 @@ class SyncPass:
                     if not handed:
                         self.progress.in_flight -= 1
                 self._record(job, outcome)
-            except BaseException as exc:
-                if not self._job_failed(job, exc):
-                    raise
+            except Exception as exc:
+                self._halt_for(exc, job.item.item_id)
             finally:
                 if not handed:
                     self._queue.task_done()
@@ -470,35 +459,29 @@ class SyncPass:
                     self.state.put(job.item.item_id, **outcome.fields)
                 return
             self._record(job, outcome)
-        except BaseException as exc:
-            if not self._job_failed(job, exc):
-                raise
+        except Exception as exc:
+            self._halt_for(exc, job.item.item_id)
         finally:
             self.progress.in_flight -= 1
             self._queue.task_done()
 
-    def _job_failed(self, job: Job, exc: BaseException) -> bool:
-        """Handle what one item's job raised; False for what must propagate (cancellation)."""
+    def _halt_for(self, exc: Exception, item_id: str | None = None) -> None:
+        """Stop the pass for what the pager (no ``item_id``) or an item's job raised."""
+        where = "paging" if item_id is None else "an item"
+        ctx = {} if item_id is None else {"item_id": item_id}
         if isinstance(exc, BudgetExhausted):
-            log.warning("daily request budget spent; stopping the pass")
+            log.warning("daily request budget spent; stopping the pass", error=str(exc), **ctx)
             self._halt("daily_budget")
-        elif isinstance(exc, StorageError):
-            log.error(
-                "pausing: the images folder refuses writes",
-                error=str(exc),
-                item_id=job.item.item_id,
-            )
-            self._error(job.item.item_id, "write_failed", str(exc))
+        elif isinstance(exc, StorageError) and item_id is not None:
+            log.error("pausing: the images folder refuses writes", error=str(exc), **ctx)
+            self._error(item_id, "write_failed", str(exc))
             self._halt(fatal=exc)
         elif isinstance(exc, FatalPassError | ConfigError | TokenUnavailable):
-            log.error("the pass cannot complete", error=str(exc), item_id=job.item.item_id)
+            log.error(f"{where} failed; the pass cannot complete", error=str(exc), **ctx)
             self._halt(fatal=exc)
-        elif isinstance(exc, Exception):
-            log.exception("unexpected error in a worker", item_id=job.item.item_id)
-            self._halt(fatal=FatalPassError(f"internal error on an item: {exc!r}"))
         else:
-            return False
-        return True
+            log.exception(f"unexpected error on {where}", **ctx)
+            self._halt(fatal=FatalPassError(f"internal error on {where}: {exc!r}"))
 
     def _record(self, job: Job, outcome: Outcome) -> None:
         item_id = job.item.item_id
@@ -541,7 +524,8 @@ class SyncPass:
             if not self.state.items[item_id].get("missing"):
                 self.state.put(item_id, missing=True)
                 continue
-            if remove_item_images(self.images_dir, item_id):
+            exts = self._on_disk.get(item_id, ())
+            if exts and remove_item_images(self.images_dir, item_id, None, exts):
                 self.stats.removed += 1
             self.state.drop(item_id)
             forgotten += 1
@@ -609,13 +593,13 @@ def _scan_images(images_dir: Path) -> dict[str, tuple[str, ...]]:
     except FileNotFoundError:
         return found
     for name in names:
-        item_id, dot, ext = name.rpartition(".")
-        if dot and ext in EXTENSIONS:
+        if parsed := split_image_name(name):
+            item_id, ext = parsed
             found[item_id] = (*found.get(item_id, ()), ext)
     return found
 
 
-def _stat_matches(prev: dict[str, Any]) -> bool:
+def _stat_matches(prev: Mapping[str, Any]) -> bool:
     try:
         st = os.stat(prev["path"])
     except (OSError, KeyError, TypeError):
