@@ -248,8 +248,6 @@ class Service:
             on_token=self.redactor.add,
         )
         self.client = ZohoClient(self._session, cfg, self.tokens, self.gate, hosts, self.metrics)
-        self.metrics.set_item_counts(self.state.counts())
-        self.metrics.daily_budget_remaining.set(budget.remaining)
         last = self.state.last_pass
         if last and last.get("status") in ("success", "partial") and last.get("finished_at"):
             # Survive restarts: dashboards and alerts read the last success from here.
@@ -278,25 +276,10 @@ class Service:
             pages = lambda: zoho_pages(client, extra=extra)  # noqa: E731
         else:
             pages = lambda: zoho_pages(client)  # noqa: E731
-        p = SyncPass(
-            pages=pages,
-            client=client,
-            state=self.state,
-            metrics=self.metrics,
-            images_dir=cfg.storage.images_dir,
-            url_map=self.url_map,
-            workers=cfg.download.workers,
-            shutdown_timeout=cfg.sync.shutdown_timeout_seconds,
-            stop=self.stop_event,
-            full_scan=since is None,
-        )
-        self.current_pass = p
-        try:
-            report = await p.run()
-        finally:
-            self.current_pass = None
-            self._before_save()
-        if p.complete and cfg.source.kind == "zoho":
+
+        def finishing(p: SyncPass, report: dict[str, Any]) -> None:
+            if not (p.complete and cfg.source.kind == "zoho"):
+                return
             if since is None:
                 meta["last_full_pages"] = p.progress.pages_done
                 meta["passes_since_full"] = 0
@@ -309,9 +292,26 @@ class Service:
                     "api_requests_saved": saved,
                 }
             meta["last_complete_pass_started_at"] = started
-            await self.state.save()
+
+        p = SyncPass(
+            pages=pages,
+            client=client,
+            state=self.state,
+            metrics=self.metrics,
+            images_dir=cfg.storage.images_dir,
+            url_map=self.url_map,
+            workers=cfg.download.workers,
+            shutdown_timeout=cfg.sync.shutdown_timeout_seconds,
+            stop=self.stop_event,
+            full_scan=since is None,
+            finishing=finishing,
+        )
+        self.current_pass = p
+        try:
+            report = await p.run()
+        finally:
+            self.current_pass = None
         self.last_report = report
-        self.metrics.daily_budget_remaining.set(self.gate.budget.remaining)
         if p.fatal is not None:
             report["exit_code"] = EX_CONFIG if _is_config(p.fatal) else EX_FAILED
         return report
@@ -328,11 +328,13 @@ class Service:
             return None
         return float(last) - INCREMENTAL_OVERLAP_SECONDS
 
-    def _before_save(self) -> None:
-        if self.state is not None and self.gate is not None:
-            b = self.gate.budget
-            self.state.meta["budget"] = {"day": b.day, "spent": b.spent}
-            self._save_window()
+    def _before_save(self) -> dict[Path, bytes]:
+        """Budget into the state's meta; the rate window beside it, in the save's thread."""
+        if self.state is None or self.gate is None:
+            return {}
+        b = self.gate.budget
+        self.state.meta["budget"] = {"day": b.day, "spent": b.spent}
+        return {self._window_file: self._window_bytes()}
 
     @property
     def _window_file(self) -> Path:
@@ -343,18 +345,23 @@ class Service:
         must not put more than the limit into one minute between them."""
         if self.gate is None:
             return
-        recent = self.gate.window.snapshot(time.time())
         try:
-            write_bytes_atomic(self._window_file, json.dumps(recent).encode(), mode=0o600)
+            write_bytes_atomic(self._window_file, self._window_bytes(), mode=0o600)
         except OSError as exc:
             log.warning("could not save the rate window", error=exc.strerror)
+
+    def _window_bytes(self) -> bytes:
+        assert self.gate is not None
+        return json.dumps(self.gate.window.snapshot(time.time())).encode()
 
     async def shutdown(self) -> None:
         """Flush state, close the session, release the lock."""
         try:
             if self.readonly:
                 self._save_window()
-            elif self.state is not None:
+            elif self.state is not None and self.state.dirty:
+                # A pass saves at its end (window and budget included): only what came
+                # after it (a write finishing past a stop's deadline) is left to save.
                 await self.state.save()
         finally:
             if self._session is not None:

@@ -53,7 +53,9 @@ class State:
         self._journal_fd: int | None = None
         self.journaling = False
         # Called on the event loop right before each snapshot (e.g. to store the budget).
-        self.before_save: Callable[[], None] = lambda: None
+        # Called on the loop before each save: it may update ``meta`` and return side files
+        # ({path: bytes}) to write atomically in the same thread hop as the snapshot.
+        self.before_save: Callable[[], dict[Path, bytes]] = dict
 
     @property
     def journal_path(self) -> Path:
@@ -209,12 +211,12 @@ class State:
     async def save(self) -> None:
         """Write the checkpoint atomically; the encoding happens off the event loop."""
         async with self._save_lock:
-            self.before_save()
+            side = self.before_save()
             doc = self._document()
             self._rotate()
             self.dirty = 0
             try:
-                await asyncio.to_thread(self._write, doc)
+                await asyncio.to_thread(self._write, doc, side)
             except BaseException:
                 self.dirty += 1
                 raise
@@ -230,11 +232,16 @@ class State:
             self._rotated_path.unlink()
         self.dirty = 0
 
-    def _write(self, doc: dict[str, Any]) -> None:
+    def _write(self, doc: dict[str, Any], side: dict[Path, bytes] | None = None) -> None:
         # orjson: 100,000 items encode in a fraction of json's time, straight to bytes
         # (no second 20 MB copy for the str -> bytes step).
         data = orjson.dumps(doc)
         write_bytes_atomic(self.path, data, mode=0o600)
+        for path, content in (side or {}).items():
+            try:
+                write_bytes_atomic(path, content, mode=0o600)
+            except OSError as exc:  # a side file is a hint; the state itself is saved
+                log.warning("could not save a side file", path=str(path), error=str(exc))
 
 
 def rebuild_from_disk(state: State, images_dir: Path) -> int:

@@ -119,8 +119,10 @@ class SyncPass:
         shutdown_timeout: float,
         stop: asyncio.Event | None = None,
         full_scan: bool = True,
+        finishing: Callable[[SyncPass, dict[str, Any]], None] | None = None,
     ) -> None:
         self.pages = pages
+        self.finishing = finishing
         self.full_scan = full_scan
         self.client = client
         self.state = state
@@ -215,9 +217,10 @@ class SyncPass:
         self._seen = set()
         self._on_disk = {}
         report = self._report()
+        if self.finishing is not None:
+            self.finishing(self, report)  # the caller's bookkeeping, in the same final save
         self.state.last_pass = report
         await self.state.save()
-        self.metrics.set_item_counts(self.state.counts())
         self.metrics.pass_duration.observe(time.monotonic() - t0)
         self.metrics.passes.labels(report["status"]).inc()
         if report["status"] in ("success", "partial"):
@@ -234,7 +237,6 @@ class SyncPass:
             await asyncio.sleep(SAVE_EVERY_SECONDS)
             if self.state.dirty:
                 await self.state.save()
-            self.metrics.set_item_counts(self.state.counts())
 
     async def _drain(self) -> None:
         """Wait for queued and in-flight work; on a stop, give in-flight a deadline."""
