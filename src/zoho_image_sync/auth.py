@@ -72,7 +72,6 @@ class TokenManager:
         self.api_domain: str | None = None
         self.blocked_until = 0.0
         self.last_error: str | None = None
-        self.mints = 0
         self._lock = asyncio.Lock()
         self._load_cache()
 
@@ -159,7 +158,6 @@ class TokenManager:
                 "token endpoint throttled by Zoho; not asking again before "
                 f"{time.strftime('%H:%M:%S', time.localtime(self.blocked_until))}",
                 after=self.blocked_until - now,
-                throttled=True,
             )
         client_id, client_secret, refresh_token = self._credentials.require()
         url = f"{self._zoho.accounts_base()}/oauth/v2/token"
@@ -178,7 +176,7 @@ class TokenManager:
                 self._metrics.token_refreshes.labels("unreachable").inc()
                 log.warning("token refresh failed", error=self.last_error, attempt=attempt)
                 if attempt == self._max_attempts:
-                    raise TokenUnavailable(self.last_error, after=60.0, throttled=False) from None
+                    raise TokenUnavailable(self.last_error, after=60.0) from None
                 await asyncio.sleep(backoff_delay(attempt, base=1.0))
                 continue
             self._handle_response(body, status)
@@ -225,10 +223,10 @@ class TokenManager:
                 "token endpoint throttled by Zoho; backing off",
                 backoff_seconds=round(backoff),
             )
-            raise TokenUnavailable(self.last_error, after=backoff, throttled=True)
+            raise TokenUnavailable(self.last_error, after=backoff)
         self._metrics.token_refreshes.labels("error").inc()
         self.last_error = f"unexpected token response (HTTP {status}, error={error!r})"
-        raise TokenUnavailable(self.last_error, after=60.0, throttled=False)
+        raise TokenUnavailable(self.last_error, after=60.0)
 
     def _accept(self, body: dict[str, Any], token: str) -> None:
         expires_in = body.get("expires_in_sec", body.get("expires_in", 3600))
@@ -244,7 +242,6 @@ class TokenManager:
         self.lifetime = seconds
         domain = body.get("api_domain")
         self.api_domain = domain if isinstance(domain, str) and domain else None
-        self.mints += 1
         self.last_error = None
         self._metrics.token_refreshes.labels("success").inc()
         self._metrics.token_expiry.set(self.expires_at)

@@ -30,15 +30,13 @@ from .errors import (
     EX_TEMPFAIL,
     BudgetExhausted,
     ConfigError,
-    ScopeError,
     SyncError,
+    exit_code,
 )
 from .export import erp_records, merge, write_export
 from .logsetup import Redactor, configure
 from .loop import run as run_loop
-from .pager import zoho_pages
-from .service import Service, failed_report
-from .sources import file_pages
+from .service import Daemon, Service, failed_report
 from .state import State, StateCorrupt
 from .storage import write_bytes_atomic
 
@@ -128,11 +126,21 @@ def _load(
     return cfg
 
 
-def run_async(coro: Coroutine[Any, Any, Any], on_stop: Callable[[], None] | None) -> Any:
-    """Run ``coro``; SIGTERM/SIGINT call ``on_stop`` once, a second SIGINT forces exit."""
+def run_async(
+    coro: Coroutine[Any, Any, Any],
+    on_stop: Callable[[], None] | None,
+    also: Mapping[signal.Signals, Callable[[], None]] | None = None,
+) -> Any:
+    """Run ``coro``; SIGTERM/SIGINT call ``on_stop`` once, a second SIGINT forces exit.
+
+    Handlers only record intent (uvicorn's handle_exit); the loops act on it. ``also``
+    adds handlers for other signals (``run``: SIGHUP reloads).
+    """
 
     async def wrapper() -> Any:
         loop = asyncio.get_running_loop()
+        for sig, handler in (also or {}).items():
+            loop.add_signal_handler(sig, handler)
         if on_stop is not None:
             hits = {"n": 0}
 
@@ -194,10 +202,9 @@ def _run_once(cfg: Config, redactor: Redactor) -> int:
 
 
 def cmd_run(args: argparse.Namespace, redactor: Redactor) -> int:
-    """``run``: the daemon (see service.py)."""
-    from .daemon import run_daemon
-
-    return run_daemon(Path(args.config), redactor)
+    """``run``: the daemon (see service.py), until SIGTERM/SIGINT; SIGHUP reloads."""
+    daemon = Daemon(_load(args, redactor), redactor=redactor)
+    return int(run_async(daemon.serve(), daemon.handle_term, {signal.SIGHUP: daemon.handle_hup}))
 
 
 def cmd_audit(args: argparse.Namespace, redactor: Redactor) -> int:
@@ -212,12 +219,7 @@ def cmd_audit(args: argparse.Namespace, redactor: Redactor) -> int:
             total = with_image = 0
             by_type: Counter[str] = Counter()
             missing: list[tuple[str, str, str]] = []
-            pages = (
-                file_pages(Path(cfg.source.items_file))
-                if cfg.source.kind == "file"
-                else zoho_pages(service.client)
-            )
-            async for _page, items in pages:
+            async for _page, items in service.pages():
                 for item in items:
                     total += 1
                     if item.has_zoho_image or item.image_url or item.item_id in service.url_map:
@@ -248,7 +250,7 @@ def cmd_audit(args: argparse.Namespace, redactor: Redactor) -> int:
         return EX_TEMPFAIL
     except SyncError as exc:
         log.error("audit failed", error=str(exc))
-        return EX_CONFIG if isinstance(exc, ConfigError | ScopeError) else EX_FAILED
+        return exit_code(exc)
     return EX_OK
 
 
@@ -284,8 +286,7 @@ def cmd_export(args: argparse.Namespace, redactor: Redactor) -> int:
             except (OSError, ValueError) as exc:
                 log.error("cannot merge", path=args.merge, error=str(exc))
                 return EX_FAILED
-            data = json.dumps(merged, ensure_ascii=False, indent=2).encode("utf-8") + b"\n"
-            write_bytes_atomic(out, data, mode=0o644)
+            write_export(merged, out, "json")
             result = {
                 "written": len(merged),
                 "path": str(out),

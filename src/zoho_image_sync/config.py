@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import ConfigError
+from .logsetup import LEVELS
 
 DATA_CENTERS: Final[dict[str, tuple[str, str]]] = {
     # data_center: (accounts host, API host), per Zoho's published list.
@@ -74,7 +75,6 @@ class Credentials:
     client_id: Secret | None = None
     client_secret: Secret | None = None
     refresh_token: Secret | None = None
-    origin: str = "none"
 
     def require(self) -> tuple[Secret, Secret, Secret]:
         """All three, or a ConfigError naming the first one missing."""
@@ -100,11 +100,11 @@ def _spec(kind: type, lo: float | None = None, hi: float | None = None) -> Any:
 
 @dataclass(frozen=True)
 class ZohoConfig:
-    data_center: str = "com"
-    accounts_url: str = ""
-    api_url: str = ""
-    organization_id: str = "748369814"
-    image_endpoint: str = "inventory"
+    data_center: str
+    accounts_url: str
+    api_url: str
+    organization_id: str
+    image_endpoint: str
 
     def accounts_base(self) -> str:
         """Accounts server base URL, override first."""
@@ -120,9 +120,9 @@ class ZohoConfig:
 
 @dataclass(frozen=True)
 class SourceConfig:
-    kind: str = "zoho"
-    items_file: str = ""
-    url_map: str = ""
+    kind: str
+    items_file: str
+    url_map: str
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,8 @@ class DownloadConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    images_dir: Path = Path("data/images/item")
-    state_file: Path = Path("data/state.json")
+    images_dir: Path
+    state_file: Path
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class SyncConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
-    listen: str = "127.0.0.1:9464"
+    listen: str
 
     def host_port(self) -> tuple[str, int]:
         """Split ``host:port`` (``[::1]:9464`` for IPv6)."""
@@ -168,8 +168,8 @@ class HttpConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    level: str = "info"
-    format: str = "auto"
+    level: str
+    format: str
 
 
 DEFAULTS: Final[dict[str, dict[str, Any]]] = {
@@ -208,7 +208,7 @@ CHOICES: Final[dict[str, tuple[str, ...]]] = {
     "zoho.data_center": tuple(DATA_CENTERS),
     "zoho.image_endpoint": ("inventory", "books"),
     "source.kind": ("zoho", "file"),
-    "log.level": ("debug", "info", "warning", "error", "critical"),
+    "log.level": tuple(LEVELS),
     "log.format": ("json", "console", "auto"),
 }
 
@@ -381,7 +381,6 @@ def _load_credentials(
     zoho: Mapping[str, Any], env: Mapping[str, str], file_mode: int | None
 ) -> Credentials:
     values: dict[str, Secret] = {}
-    origins: set[str] = set()
     in_file = [k for k in SECRET_KEYS if zoho.get(k)]
     if in_file and file_mode is not None and file_mode & 0o077:
         raise ConfigError(
@@ -393,7 +392,6 @@ def _load_credentials(
     for key in SECRET_KEYS:
         if env.get(ENV_NAMES[key]):
             values[key] = Secret(env[ENV_NAMES[key]].strip())
-            origins.add("env")
             continue
         if cred_dir:
             p = Path(cred_dir) / key
@@ -405,14 +403,11 @@ def _load_credentials(
                 raise ConfigError(f"zoho.{key}", f"cannot read {p}: {exc.strerror}") from None
             if text:
                 values[key] = Secret(text)
-                origins.add("credentials_directory")
                 continue
         if zoho.get(key):
             values[key] = Secret(str(zoho[key]))
-            origins.add("config")
     return Credentials(
         client_id=values.get("client_id"),
         client_secret=values.get("client_secret"),
         refresh_token=values.get("refresh_token"),
-        origin="+".join(sorted(origins)) or "none",
     )

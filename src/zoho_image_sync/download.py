@@ -111,7 +111,7 @@ async def run_job(
     handed = False
     try:
         try:
-            result = await client.fetch_image(job.url, sink, item.item_id)
+            result = await client.fetch_image(job.url, sink)
             stale = [e for e in job.on_disk if e != result.ext]
             if writer is not None and sink.in_memory:
                 path, future = sink.hand_over(writer, result.ext, stale)

@@ -92,10 +92,9 @@ class RetryLater(TransientError):
 class TokenUnavailable(TransientError):
     """The token endpoint is throttled or unreachable; ``after`` is the back-off."""
 
-    def __init__(self, message: str, after: float, throttled: bool) -> None:
+    def __init__(self, message: str, after: float) -> None:
         super().__init__(message)
         self.after = after
-        self.throttled = throttled
 
 
 class ItemError(SyncError):
@@ -105,3 +104,9 @@ class ItemError(SyncError):
         super().__init__(f"{reason}: {detail}")
         self.reason: Reason = reason
         self.detail = detail
+
+
+def exit_code(exc: SyncError) -> int:
+    """The exit code of a command that stopped on ``exc``: 78 when the config or the
+    token's scope must change (no restart will help), else 1 (75 is for budget/signal)."""
+    return EX_CONFIG if isinstance(exc, ConfigError | ScopeError) else EX_FAILED

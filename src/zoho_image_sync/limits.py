@@ -179,6 +179,10 @@ class DailyBudget:
         """When the current budget day ends."""
         return next_utc_midnight(self.wall(), self.reset_hour)
 
+    def resume_at(self) -> float:
+        """When requests may be sent again once the budget is spent (Zoho's 45, or ours)."""
+        return self.exhausted_until or self.next_reset()
+
     @property
     def remaining(self) -> int:
         """Requests left today (0 while Zoho says the day's budget is spent)."""
@@ -191,8 +195,7 @@ class DailyBudget:
         """Count one request, or raise BudgetExhausted when none is left."""
         self._roll()
         if self.exhausted_until is not None or self.spent >= self.limit:
-            resume = self.exhausted_until or self.next_reset()
-            raise BudgetExhausted("daily request budget spent", resume_at=resume)
+            raise BudgetExhausted("daily request budget spent", resume_at=self.resume_at())
         self.spent += 1
 
     def exhaust(self) -> float:
@@ -238,11 +241,14 @@ class ApiGate:
                 arrived()
                 raise
 
-    async def reconfigure(self, requests_per_minute: int, max_concurrent: int, daily: int) -> None:
+    async def reconfigure(
+        self, requests_per_minute: int, max_concurrent: int, daily: int, reset_hour: int
+    ) -> None:
         """Apply new limits live."""
         self.window.set_limit(requests_per_minute)
         await self.slots.set_limit(max_concurrent)
         self.budget.limit = daily
+        self.budget.reset_hour = reset_hour
 
 
 class HostGate:

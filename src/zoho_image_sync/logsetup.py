@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections import deque
 from collections.abc import MutableMapping
 from typing import Any, Final, TextIO
 
@@ -32,14 +33,23 @@ class Redactor:
 
     def __init__(self) -> None:
         self._secrets: set[str] = set()
+        # Access tokens rotate hourly: the current one and the one before it (a request
+        # may still carry it) are matched exactly, older ones by _TOKEN_SHAPES, so the
+        # list does not grow by one token per hour for the daemon's life.
+        self._tokens: deque[str] = deque(maxlen=2)
 
     def add(self, *values: str) -> None:
         """Register values that must never be printed (short ones are ignored)."""
         self._secrets.update(v for v in values if v and len(v) >= 6)
 
+    def add_token(self, token: str) -> None:
+        """Register a freshly minted access token (it replaces the oldest one held)."""
+        if token and len(token) >= 6 and token not in self._tokens:
+            self._tokens.append(token)
+
     def scrub(self, text: str) -> str:
         """``text`` with every secret replaced."""
-        for secret in self._secrets:
+        for secret in (*self._secrets, *self._tokens):
             if secret in text:
                 text = text.replace(secret, "***")
         return _TOKEN_SHAPES.sub(lambda m: (m.group(1) or "") + "***", text)

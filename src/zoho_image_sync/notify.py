@@ -22,11 +22,6 @@ class Notifier:
         ours = not pid or pid == str(os.getpid())
         self.watchdog_seconds = int(usec) / 1e6 if usec.isdigit() and ours else None
 
-    @property
-    def enabled(self) -> bool:
-        """True under systemd (or a test posing as it)."""
-        return self.address is not None
-
     def send(self, *lines: str) -> None:
         """Send ``KEY=VALUE`` lines in one datagram; errors are ignored (best effort)."""
         if self.address is None:

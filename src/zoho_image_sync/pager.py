@@ -63,9 +63,11 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-async def zoho_pages(
-    client: ZohoClient, extra: dict[str, str] | None = None
-) -> AsyncIterator[tuple[int, list[CatalogueItem]]]:
+Pages = AsyncIterator[tuple[int, list["CatalogueItem"]]]
+"""(page number, items) pairs from the Zoho API or an items file."""
+
+
+async def zoho_pages(client: ZohoClient, extra: dict[str, str] | None = None) -> Pages:
     """Every page of the item list, until ``has_more_page`` is false."""
     page = 1
     while True:

@@ -28,20 +28,19 @@ from .errors import (
     EX_OK,
     EX_TEMPFAIL,
     ConfigError,
-    ScopeError,
-    SyncError,
     TokenUnavailable,
+    exit_code,
 )
 from .limits import ApiGate, DailyBudget, HostGate
 from .logsetup import Redactor
 from .logsetup import configure as configure_logging
 from .metrics import Metrics
 from .notify import Notifier
-from .pager import load_url_map, zoho_pages
+from .pager import Pages, load_url_map, zoho_pages
 from .sources import file_pages
 from .state import State, StateCorrupt, read_json_or_none, rebuild_from_disk
 from .storage import sweep_temporaries, write_bytes_atomic
-from .sync import PageSource, PassStats, SyncPass
+from .sync import PassStats, SyncPass
 from .zoho import ZohoClient
 
 log = structlog.get_logger(__name__)
@@ -245,7 +244,7 @@ class Service:
             self.metrics,
             timeout=cfg.download.timeout_seconds,
             wall=time.time,
-            on_token=self.redactor.add,
+            on_token=self.redactor.add_token,
         )
         self.client = ZohoClient(self._session, cfg, self.tokens, self.gate, hosts, self.metrics)
         last = self.state.last_pass
@@ -263,19 +262,6 @@ class Service:
         meta = self.state.meta
         since = self._incremental_since() if allow_incremental else None
         started = time.time()
-        pages: PageSource
-        if cfg.source.kind == "file":
-            path = Path(cfg.source.items_file)
-            pages = lambda: file_pages(path)  # noqa: E731
-        elif since is not None:
-            extra = {
-                "last_modified_time": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime(since)),
-                "sort_column": "last_modified_time",
-                "sort_order": "A",
-            }
-            pages = lambda: zoho_pages(client, extra=extra)  # noqa: E731
-        else:
-            pages = lambda: zoho_pages(client)  # noqa: E731
 
         def finishing(p: SyncPass, report: dict[str, Any]) -> None:
             if not (p.complete and cfg.source.kind == "zoho"):
@@ -294,7 +280,7 @@ class Service:
             meta["last_complete_pass_started_at"] = started
 
         p = SyncPass(
-            pages=pages,
+            pages=lambda: self.pages(since),
             client=client,
             state=self.state,
             metrics=self.metrics,
@@ -313,8 +299,24 @@ class Service:
             self.current_pass = None
         self.last_report = report
         if p.fatal is not None:
-            report["exit_code"] = EX_CONFIG if _is_config(p.fatal) else EX_FAILED
+            report["exit_code"] = exit_code(p.fatal)
         return report
+
+    def pages(self, since: float | None = None) -> Pages:
+        """The catalogue's pages from the configured source; Zoho's only those modified
+        since ``since`` (epoch seconds) when given."""
+        cfg = self.config
+        if cfg.source.kind == "file":
+            return file_pages(Path(cfg.source.items_file))
+        assert self.client is not None
+        if since is None:
+            return zoho_pages(self.client)
+        extra = {
+            "last_modified_time": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime(since)),
+            "sort_column": "last_modified_time",
+            "sort_order": "A",
+        }
+        return zoho_pages(self.client, extra=extra)
 
     def _incremental_since(self) -> float | None:
         """The modified-since time for an incremental pass, or None when a full scan is due."""
@@ -396,10 +398,6 @@ class Service:
         return report, code
 
 
-def _is_config(exc: SyncError) -> bool:
-    return isinstance(exc, ConfigError | ScopeError)
-
-
 def failed_report(reason: str) -> dict[str, Any]:
     """The report of a pass that could not start."""
     return {"status": "failed", "reason": reason, "statistics": PassStats().as_dict(), "errors": []}
@@ -474,8 +472,7 @@ class Daemon(Service):
                     wait = min(wait, 30.0 * 2 ** min(failures - 1, 6))
                 log.error("pass failed", reason=self.pass_failed, retry_in=round(wait))
             elif report.get("reason") == "daily_budget" and self.gate is not None:
-                resume = self.gate.budget.exhausted_until or self.gate.budget.next_reset()
-                self.budget_resume_at = resume
+                resume = self.budget_resume_at = self.gate.budget.resume_at()
                 wait = max(resume - time.time(), 1.0)
                 log.warning(
                     "daily budget spent; sleeping until it resets", resume_in_seconds=round(wait)
@@ -554,11 +551,11 @@ class Daemon(Service):
         if self.client is not None:
             self.client.config = new
         if self.gate is not None:
-            self.gate.budget.reset_hour = new.limits.daily_budget_reset_hour_utc
             await self.gate.reconfigure(
                 new.limits.requests_per_minute,
                 new.limits.max_concurrent_requests,
                 new.limits.daily_request_budget,
+                new.limits.daily_budget_reset_hour_utc,
             )
         if self.client is not None:
             self.client.hosts.reconfigure(
@@ -579,9 +576,7 @@ class Daemon(Service):
         while True:
             ahead = tokens.expires_at - tokens.refresh_ahead - time.time()
             await asyncio.sleep(min(max(ahead, 1.0), 60.0))
-            if tokens.expires_at - time.time() >= tokens.refresh_ahead:
-                continue
-            try:
+            try:  # a no-op while the token is fresh enough
                 await tokens.token()
             except ConfigError as exc:
                 log.error(

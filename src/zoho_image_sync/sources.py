@@ -7,14 +7,14 @@ so a 100 MB file needs a few MB of memory, and handed on in pages like the API's
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
 import structlog
 
 from .errors import ConfigError
-from .pager import PER_PAGE, CatalogueItem
+from .pager import PER_PAGE, CatalogueItem, Pages
 
 log = structlog.get_logger(__name__)
 
@@ -97,7 +97,7 @@ def iter_json_array(path: Path, read_bytes: int = READ_BYTES) -> Iterator[Any]:
                 )
 
 
-async def file_pages(path: Path) -> AsyncIterator[tuple[int, list[CatalogueItem]]]:
+async def file_pages(path: Path) -> Pages:
     """The items file in pages of 200, like the API (decoding is cheap; no thread hop)."""
     page: list[CatalogueItem] = []
     number = 0

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from .errors import (
     TokenUnavailable,
 )
 from .metrics import Metrics
-from .pager import CatalogueItem
+from .pager import CatalogueItem, Pages
 from .state import State
 from .storage import (
     ImageWriter,
@@ -44,7 +44,7 @@ log = structlog.get_logger(__name__)
 
 SAVE_EVERY_SECONDS = 2.0
 
-PageSource = Callable[[], AsyncIterator[tuple[int, list[CatalogueItem]]]]
+PageSource = Callable[[], Pages]
 
 
 @dataclass

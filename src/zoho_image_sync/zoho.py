@@ -78,8 +78,8 @@ class ZohoClient:
         self.hosts = hosts
         self.metrics = metrics
         self.requests_sent = 0
-        self._refused: dict[str, str] = {}
-        self._refused_msg: dict[str, str] = {}
+        # endpoint -> (the token refused even fresh, the message naming the missing scope)
+        self._refused: dict[str, tuple[str, str]] = {}
         self._probes: dict[tuple[str, str], asyncio.Future[bool]] = {}
 
     # -- URLs ----------------------------------------------------------------
@@ -140,13 +140,13 @@ class ZohoClient:
         except ItemError as exc:
             raise FatalPassError(f"items page {page}: {exc.detail}") from None
 
-    async def fetch_image(self, url: str, sink: ImageSink, item_id: str) -> ImageResult:
+    async def fetch_image(self, url: str, sink: ImageSink) -> ImageResult:
         """Stream an image into ``sink``; Zoho URLs with the token, others without."""
         if self.is_zoho_url(url):
             return await self._zoho_request(
-                "image", url, {}, lambda resp: self._read_image(resp, sink, item_id), sink
+                "image", url, {}, lambda resp: self._read_image(resp, sink), sink
             )
-        return await self._external_image(url, sink, item_id)
+        return await self._external_image(url, sink)
 
     async def _zoho_request(
         self,
@@ -176,7 +176,7 @@ class ZohoClient:
                     if not helped:
                         self._raise_refused(endpoint)
                 token = await self.tokens.token()
-                if self._refused.get(endpoint) == token:
+                if self._is_refused(endpoint, token):
                     self._raise_refused(endpoint)
                 headers = {"Authorization": f"Zoho-oauthtoken {token}"}
                 try:
@@ -193,7 +193,7 @@ class ZohoClient:
                             self.metrics.api_requests.labels(endpoint, str(resp.status)).inc()
                             if resp.status == 401:
                                 detail = await _error_text(resp)
-                                if self._refused.get(endpoint) == token:
+                                if self._is_refused(endpoint, token):
                                     self._raise_refused(endpoint)  # sent before it was known
                                 if refreshed:
                                     # A freshly minted token refused too: scope, not expiry.
@@ -245,17 +245,21 @@ class ZohoClient:
 
     def _refuse(self, endpoint: str, token: str, detail: str) -> None:
         """Remember that ``token`` is refused on ``endpoint`` even fresh: a missing scope."""
-        self._refused[endpoint] = token
         msg = (
             f"Zoho refuses a freshly minted token on {endpoint} "
             f"({detail}): grant the scope ZohoInventory.items.READ"
         )
         if endpoint == "image" and self.config.zoho.image_endpoint == "inventory":
             msg += " or set zoho.image_endpoint = 'books'"
-        self._refused_msg[endpoint] = msg
+        self._refused[endpoint] = (token, msg)
+
+    def _is_refused(self, endpoint: str, token: str) -> bool:
+        refused = self._refused.get(endpoint)
+        return refused is not None and refused[0] == token
 
     def _raise_refused(self, endpoint: str) -> NoReturn:
-        msg = self._refused_msg.get(endpoint, f"Zoho refuses the token on {endpoint}")
+        refused = self._refused.get(endpoint)
+        msg = refused[1] if refused else f"Zoho refuses the token on {endpoint}"
         if endpoint == "image":
             raise ItemError("forbidden", msg)
         raise ScopeError(msg)
@@ -278,9 +282,7 @@ class ZohoClient:
 
     # -- images --------------------------------------------------------------
 
-    async def _read_image(
-        self, resp: aiohttp.ClientResponse, sink: ImageSink, item_id: str
-    ) -> ImageResult:
+    async def _read_image(self, resp: aiohttp.ClientResponse, sink: ImageSink) -> ImageResult:
         status = resp.status
         if status in (404, 400, 410):
             detail = await _error_text(resp)
@@ -332,7 +334,7 @@ class ZohoClient:
             raise _not_an_image(sink.head, ctype)
         return ImageResult(ext=ext, content_type=ctype)
 
-    async def _external_image(self, url: str, sink: ImageSink, item_id: str) -> ImageResult:
+    async def _external_image(self, url: str, sink: ImageSink) -> ImageResult:
         attempts = 0
         while True:
             try:
@@ -382,7 +384,7 @@ class ZohoClient:
                     raise ItemError("image_not_found", f"HTTP {resp.status} from {current}")
                 if resp.status in (401, 403):
                     raise ItemError("forbidden", f"HTTP {resp.status} from {current}")
-                if resp.status >= 500 or resp.status != 200:
+                if resp.status != 200:
                     raise TransientError(f"HTTP {resp.status} from {current}")
                 return await self._stream_body(resp, sink)
         raise ItemError("bad_url", f"more than {MAX_REDIRECTS} redirects from {url[:200]}")
