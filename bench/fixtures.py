@@ -29,12 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from zoho_image_sync.simulator import (
-    DEMO_CLIENT_ID,
-    DEMO_CLIENT_SECRET,
-    DEMO_REFRESH_TOKEN,
-    SimConfig,
-)
+from zoho_image_sync.simulator import DEMO_CREDS_ENV, SimConfig
 from zoho_image_sync.simulator.catalogue import Catalogue
 from zoho_image_sync.simulator.listing import items_page
 
@@ -301,11 +296,7 @@ def zis_env(simulator: bool) -> dict[str, str]:
     """The environment for zoho-image-sync: credentials from the environment."""
     env = dict(os.environ)
     if simulator:
-        env.update(
-            ZOHO_CLIENT_ID=DEMO_CLIENT_ID,
-            ZOHO_CLIENT_SECRET=DEMO_CLIENT_SECRET,
-            ZOHO_REFRESH_TOKEN=DEMO_REFRESH_TOKEN,
-        )
+        env.update(DEMO_CREDS_ENV)
     else:
         env.update(
             ZOHO_CLIENT_ID="1000.BENCHCLIENT",

@@ -33,7 +33,6 @@ SCENARIOS = {
     4: "catalogue scale",
     5: "work per image (profile)",
 }
-KEYS = {1: "raw", 2: "latency", 3: "rate", 4: "scale", 5: "profile"}
 REQUIRED = ("nginx", "aria2c", "wrk")
 
 

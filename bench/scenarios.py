@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from zoho_image_sync.simulator.records import max_arrivals_in_window
+
 from .common import ROOT, Measured, count_files, median, run_measured
 from .fixtures import (
     ORG_ID,
@@ -40,7 +42,6 @@ ZIS = "zoho-image-sync"
 ZIS_DISK = "zoho-image-sync (ext4 disk)"
 ARIA = "aria2c"
 SEQ = "sequential client"
-WRK = "wrk (reference)"
 
 
 @dataclass
@@ -263,7 +264,7 @@ end
     }
 
 
-def _summarise(runs: list[Run], site: Site) -> dict[str, dict[str, list[float]]]:
+def _summarise(runs: list[Run]) -> dict[str, dict[str, list[float]]]:
     by: dict[str, dict[str, list[float]]] = {}
     for r in runs:
         d = by.setdefault(r.contender, {})
@@ -309,7 +310,7 @@ def raw_throughput(ctx: Context) -> dict[str, Any]:
         "bytes": site.total_bytes,
         "pages": site.pages,
         "workers": ctx.workers,
-        "summary": _summarise(runs, site),
+        "summary": _summarise(runs),
         "wrk": {k: [w[k] for w in wrk] for k in wrk[0]} if wrk else {},
         "runs": [_run_dict(r) for r in runs],
     }
@@ -347,22 +348,13 @@ def latency_bound(ctx: Context) -> dict[str, Any]:
         "latency": ctx.latency,
         "workers": ctx.workers,
         "bound": ctx.workers / ctx.latency,
-        "summary": _summarise(runs, site),
+        "summary": _summarise(runs),
         "wrk": {k: [w[k] for w in wrk] for k in wrk[0]} if wrk else {},
         "runs": [_run_dict(r) for r in runs],
     }
 
 
 # -- 3. rate-limited -----------------------------------------------------------------
-
-
-def _max_in_window(times: Sequence[float], window: float) -> int:
-    best = start = 0
-    for end, t in enumerate(times):
-        while t - times[start] >= window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 def _idle_cpu(
@@ -465,7 +457,7 @@ def _rate_metrics(
         "achieved_per_minute": steady,
         "utilisation": steady / limit,
         "naive_per_minute": whole,
-        "max_in_window": _max_in_window(api, 60.0),
+        "max_in_window": max_arrivals_in_window(api, 60.0),
         "sim_max_in_window": stats.get("max_in_window"),
         "rejected_429": sum(1 for r in records if r["status"] == 429),
         "cpu": m.cpu,

@@ -3,35 +3,52 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
+from aiohttp import web
 
+from daemon_harness import Daemon, free_port
 from zoho_image_sync.config import Config
 from zoho_image_sync.service import Service
-from zoho_image_sync.simulator import (
-    DEMO_CLIENT_ID,
-    DEMO_CLIENT_SECRET,
-    DEMO_REFRESH_TOKEN,
-    SimConfig,
-    Simulator,
-)
+from zoho_image_sync.simulator import DEMO_CREDS_ENV, SimConfig, Simulator
+from zoho_image_sync.state import State
 
-CREDS_ENV = {
-    "ZOHO_CLIENT_ID": DEMO_CLIENT_ID,
-    "ZOHO_CLIENT_SECRET": DEMO_CLIENT_SECRET,
-    "ZOHO_REFRESH_TOKEN": DEMO_REFRESH_TOKEN,
-}
+CREDS_ENV: Final = DEMO_CREDS_ENV
+# A small catalogue: 300 items, 120 with an image, most tests need no more.
+SMALL: Final = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
 
 SimFactory = Callable[..., Any]
+DaemonFactory = Callable[..., Awaitable[Daemon]]
+HttpServer = Callable[[Iterable[web.AbstractRouteDef]], Awaitable[str]]
 EXE = [sys.executable, "-m", "zoho_image_sync"]
 PIPE = asyncio.subprocess.PIPE
 DEVNULL = asyncio.subprocess.DEVNULL
+
+
+def cli(
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """The real command line, run to completion (blocking: use a thread beside a simulator)."""
+    return subprocess.run(
+        [*EXE, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )
 
 
 async def start_once(
@@ -92,6 +109,48 @@ def config_doc(sim: Simulator, **sections: dict[str, Any]) -> dict[str, Any]:
     return deep_merge(base, sections)
 
 
+def daemon_config(tmp_path: Path, sim: Simulator, **sections: Any) -> tuple[Path, int]:
+    """A config file for ``run`` against ``sim``, its HTTP server on a free port."""
+    port = free_port()
+    doc = config_doc(sim, http={"listen": f"127.0.0.1:{port}"}, **sections)
+    return write_toml(tmp_path / "config.toml", doc), port
+
+
+@pytest.fixture
+async def daemons() -> AsyncIterator[DaemonFactory]:
+    """Start daemons (``run`` in a child process); all are killed at teardown."""
+    started: list[Daemon] = []
+
+    async def factory(config: Path, folder: Path, **kw: Any) -> Daemon:
+        d = Daemon(config, folder, **kw)
+        started.append(d)
+        await d.start()
+        return d
+
+    yield factory
+    for d in started:
+        await d.stop()
+
+
+@pytest.fixture
+async def http_server() -> AsyncIterator[HttpServer]:
+    """Serve an aiohttp app with the given routes on 127.0.0.1; returns its base URL."""
+    runners: list[web.AppRunner] = []
+
+    async def start(routes: Iterable[web.AbstractRouteDef]) -> str:
+        app = web.Application()
+        app.add_routes(routes)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
 @pytest.fixture
 def make_config(tmp_path: Path) -> Callable[..., Config]:
     """Build a validated Config for a simulator, rooted in the test's tmp folder."""
@@ -129,3 +188,24 @@ def assert_mirror(sim: Simulator, images_dir: Path) -> None:
     assert set(have) == set(want)
     for item_id, data in want.items():
         assert have[item_id].read_bytes() == data, item_id
+
+
+def assert_folder_matches_state(images_dir: Path, state_file: Path) -> dict[str, Any]:
+    """The images folder and the saved state agree exactly; returns the state document.
+
+    No temporaries; the files on disk are exactly the entries recorded as downloaded, each
+    at its recorded path with its recorded sha256; the snapshot holds every change (the
+    journal adds nothing to it).
+    """
+    doc: dict[str, Any] = json.loads(state_file.read_text())
+    assert State.read(state_file).items == doc["items"], "changes only in the journal"
+    files = {f.name: f for f in images_dir.iterdir()}
+    assert not [n for n in files if n.startswith(".")], "temporaries left behind"
+    downloaded = [e for e in doc["items"].values() if e["status"] == "downloaded"]
+    recorded = {Path(e["path"]).name: e for e in downloaded}
+    assert len(recorded) == len(downloaded), "two items recorded at one file"
+    assert set(files) == set(recorded)
+    for name, entry in recorded.items():
+        assert Path(entry["path"]) == images_dir / name, entry["path"]
+        assert hashlib.sha256(files[name].read_bytes()).hexdigest() == entry["sha256"], name
+    return doc

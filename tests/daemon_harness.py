@@ -15,7 +15,10 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import CREDS_ENV
+from zoho_image_sync.simulator import DEMO_CREDS_ENV
+
+# How long next_message/wait_for wait before failing with the daemon's stderr.
+MESSAGE_TIMEOUT = 30.0
 
 
 def free_port() -> int:
@@ -40,7 +43,7 @@ class Daemon:
         self.stderr = b""
 
     async def start(self) -> None:
-        env = {**os.environ, **CREDS_ENV, "NOTIFY_SOCKET": str(self.sock_path)}
+        env = {**os.environ, **DEMO_CREDS_ENV, "NOTIFY_SOCKET": str(self.sock_path)}
         if self.watchdog_usec:
             env["WATCHDOG_USEC"] = str(self.watchdog_usec)
         self.proc = await asyncio.create_subprocess_exec(
@@ -55,6 +58,7 @@ class Daemon:
             env=env,
         )
         self._stderr_task = asyncio.ensure_future(self._read_stderr())
+        self._exited = asyncio.ensure_future(self.proc.wait())
 
     async def _read_stderr(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
@@ -62,19 +66,59 @@ class Daemon:
             self.stderr += line
 
     async def next_message(self) -> str:
-        """The next notification datagram."""
-        loop = asyncio.get_running_loop()
-        data = await loop.sock_recv(self.sock, 4096)
+        """The next notification datagram.
+
+        Fails (AssertionError, with the child's stderr) if none comes within MESSAGE_TIMEOUT
+        or the child exits first, instead of running into the test's own timeout.
+        """
+        return await self._next(time.monotonic() + MESSAGE_TIMEOUT)
+
+    async def wait_for(self, needle: str) -> str:
+        """Read notifications until one contains ``needle`` (within MESSAGE_TIMEOUT)."""
+        deadline = time.monotonic() + MESSAGE_TIMEOUT
+        while True:
+            msg = await self._next(deadline, needle)
+            if needle in msg:
+                return msg
+
+    async def _next(self, deadline: float, needle: str | None = None) -> str:
+        assert self.proc is not None, "start() first"
+        recv = asyncio.ensure_future(asyncio.get_running_loop().sock_recv(self.sock, 4096))
+        try:
+            await asyncio.wait(
+                {recv, self._exited},
+                timeout=max(deadline - time.monotonic(), 0),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            if not recv.done():
+                recv.cancel()
+        if recv.done() and not recv.cancelled():
+            data = recv.result()
+        elif self._exited.done():
+            # Datagrams sent just before the exit are already queued: those come first.
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                raise AssertionError(
+                    f"the daemon exited ({self._exited.result()}) while the test waited "
+                    f"for {needle or 'a notification'!r}{await self._stderr_tail()}"
+                ) from None
+        else:
+            raise AssertionError(
+                f"no {needle or 'notification'!r} within {MESSAGE_TIMEOUT} s; got "
+                f"{[m for _, m in self.messages]}{await self._stderr_tail()}"
+            )
         text = data.decode()
         self.messages.append((time.monotonic(), text))
         return text
 
-    async def wait_for(self, needle: str) -> str:
-        """Read notifications until one contains ``needle``."""
-        while True:
-            msg = await self.next_message()
-            if needle in msg:
-                return msg
+    async def _stderr_tail(self) -> str:
+        """The end of the child's stderr, for a failure message (complete once it exited)."""
+        if self._exited.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._stderr_task), 5)
+        return "\n--- daemon stderr (end) ---\n" + self.stderr[-4000:].decode(errors="replace")
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None

@@ -9,11 +9,9 @@ from typing import Any
 
 import pytest
 
-from conftest import SimFactory, assert_mirror, run_once
+from conftest import SMALL, SimFactory, assert_mirror, run_once
 from zoho_image_sync.errors import ConfigError
 from zoho_image_sync.service import Service
-
-SMALL = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
 
 
 async def test_cached_token_is_reused_and_a_revoked_one_refreshed_once(

@@ -12,24 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CREDS_ENV, EXE, PIPE, SimFactory, config_doc, start_once, write_toml
-
-SMALL = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [*EXE, *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=cwd,
-        timeout=timeout,
-        check=False,
-    )
+from conftest import (
+    CREDS_ENV,
+    EXE,
+    PIPE,
+    SMALL,
+    SimFactory,
+    cli,
+    config_doc,
+    start_once,
+    write_toml,
+)
 
 
 def test_demo_runs_with_no_credentials(tmp_path: Path) -> None:
@@ -166,8 +159,9 @@ async def test_second_sigint_forces_exit(make_sim: SimFactory, tmp_path: Path) -
     await sim.wait_in_flight(2)
     proc.send_signal(signal.SIGINT)
     assert proc.stderr is not None
-    while b"stop requested" not in await proc.stderr.readline():
-        pass
+    async with asyncio.timeout(10):
+        while b"stop requested" not in (line := await proc.stderr.readline()):
+            assert line, "child exited early"
     proc.send_signal(signal.SIGINT)
     async with asyncio.timeout(10):
         await proc.communicate()

@@ -3,44 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
-import pytest
-
-from conftest import SimFactory, config_doc, write_toml
-from daemon_harness import Daemon, free_port, get_json, scrape
-
-SMALL = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
-
-
-def daemon_config(tmp_path: Path, sim: Any, **sections: Any) -> tuple[Path, int]:
-    port = free_port()
-    doc = config_doc(sim, http={"listen": f"127.0.0.1:{port}"}, **sections)
-    return write_toml(tmp_path / "config.toml", doc), port
-
-
-@pytest.fixture
-async def daemons() -> Any:
-    started: list[Daemon] = []
-
-    async def factory(config: Path, folder: Path, **kw: Any) -> Daemon:
-        d = Daemon(config, folder, **kw)
-        await d.start()
-        started.append(d)
-        return d
-
-    yield factory
-    for d in started:
-        await d.stop()
+from conftest import (
+    SMALL,
+    DaemonFactory,
+    SimFactory,
+    assert_folder_matches_state,
+    daemon_config,
+)
+from daemon_harness import get_json, scrape
 
 
 async def test_notify_sequence_reload_and_stop(
-    make_sim: SimFactory, daemons: Any, tmp_path: Path
+    make_sim: SimFactory, daemons: DaemonFactory, tmp_path: Path
 ) -> None:
     sim = await make_sim(**SMALL)
     cfg, port = daemon_config(tmp_path, sim)
@@ -66,12 +45,12 @@ async def test_notify_sequence_reload_and_stop(
     kinds = [m.split("=")[0] for _, m in d.messages]
     first = {k: kinds.index(k) for k in ("READY", "WATCHDOG", "RELOADING", "STOPPING")}
     assert first["READY"] < first["RELOADING"] < first["STOPPING"]
-    assert kinds[first["RELOADING"] + 1 :].index("READY") >= 0
+    assert "READY" in kinds[first["RELOADING"] + 1 :]
     print(f"reload latency {reload_latency * 1000:.1f} ms; sequence {kinds}")
 
 
 async def test_bad_reload_keeps_the_old_config(
-    make_sim: SimFactory, daemons: Any, tmp_path: Path
+    make_sim: SimFactory, daemons: DaemonFactory, tmp_path: Path
 ) -> None:
     sim = await make_sim(**SMALL)
     cfg, port = daemon_config(tmp_path, sim)
@@ -102,7 +81,7 @@ async def test_bad_reload_keeps_the_old_config(
 
 
 async def test_sighup_with_a_higher_limit_raises_the_request_rate(
-    make_sim: SimFactory, daemons: Any, tmp_path: Path
+    make_sim: SimFactory, daemons: DaemonFactory, tmp_path: Path
 ) -> None:
     sim = await make_sim(**SMALL)
     # 30 per rolling minute: 30 requests, then nothing until the first is a minute old.
@@ -136,20 +115,8 @@ async def test_sighup_with_a_higher_limit_raises_the_request_rate(
     print(f"after reload: 90 requests in {elapsed:.2f} s")
 
 
-def _check_folder(tmp_path: Path) -> dict[str, Any]:
-    state = json.loads((tmp_path / "data" / "state.json").read_text())
-    images = tmp_path / "data" / "images" / "item"
-    files = sorted(images.iterdir())
-    assert not [f for f in files if f.name.startswith(".")], "temporary left behind"
-    downloaded = {k: v for k, v in state["items"].items() if v["status"] == "downloaded"}
-    assert {Path(v["path"]).name for v in downloaded.values()} == {f.name for f in files}
-    for entry in downloaded.values():
-        assert hashlib.sha256(Path(entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
-    return dict(state)
-
-
 async def test_sigterm_mid_pass_drains_and_exits_0(
-    make_sim: SimFactory, daemons: Any, tmp_path: Path
+    make_sim: SimFactory, daemons: DaemonFactory, tmp_path: Path
 ) -> None:
     sim = await make_sim(**SMALL)
     sim.add_fault("slow", None, delay=0.3)
@@ -162,7 +129,8 @@ async def test_sigterm_mid_pass_drains_and_exits_0(
     d.signal(signal.SIGTERM)
     assert await d.wait() == 0
     assert time.monotonic() - t0 < 10
-    state = _check_folder(tmp_path)
+    data = tmp_path / "data"
+    state = assert_folder_matches_state(data / "images" / "item", data / "state.json")
     done = sum(v["status"] == "downloaded" for v in state["items"].values())
     assert 0 < done < 120
     served = sum(1 for r in sim.records if r.endpoint == "image" and r.status == 200)
@@ -171,7 +139,7 @@ async def test_sigterm_mid_pass_drains_and_exits_0(
 
 
 async def test_drain_deadline_cancels_stuck_downloads_cleanly(
-    make_sim: SimFactory, daemons: Any, tmp_path: Path
+    make_sim: SimFactory, daemons: DaemonFactory, tmp_path: Path
 ) -> None:
     sim = await make_sim(**SMALL)
     victims = sim.item_ids_with_images()[:2]
@@ -190,11 +158,12 @@ async def test_drain_deadline_cancels_stuck_downloads_cleanly(
     assert await d.wait() == 0
     assert time.monotonic() - t0 < 5
     assert b"drain deadline passed" in d.stderr
-    _check_folder(tmp_path)
+    data = tmp_path / "data"
+    assert_folder_matches_state(data / "images" / "item", data / "state.json")
 
 
 async def test_metrics_agree_with_the_simulator(
-    make_sim: SimFactory, daemons: Any, tmp_path: Path
+    make_sim: SimFactory, daemons: DaemonFactory, tmp_path: Path
 ) -> None:
     sim = await make_sim(**SMALL)
     ids = sim.item_ids_with_images()

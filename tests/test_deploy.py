@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,15 +22,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import CREDS_ENV
+from daemon_harness import free_port
 from zoho_image_sync.config import load as load_config
 from zoho_image_sync.metrics import Metrics
-from zoho_image_sync.simulator import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_REFRESH_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -40,12 +40,6 @@ ALERTS = DEPLOY / "alerts.yml"
 PROMETHEUS_YML = DEPLOY / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana-dashboard.json"
 PRODUCTION_CONFIG = DEPLOY / "config.production.toml"
-
-CREDS_ENV = {
-    "ZOHO_CLIENT_ID": DEMO_CLIENT_ID,
-    "ZOHO_CLIENT_SECRET": DEMO_CLIENT_SECRET,
-    "ZOHO_REFRESH_TOKEN": DEMO_REFRESH_TOKEN,
-}
 
 # Debian package that ships each tool (.ci/run installs them).
 PACKAGES = {"promtool": "prometheus", "prometheus": "prometheus", "systemd-analyze": "systemd"}
@@ -422,7 +416,7 @@ class Proc:
     """A child process whose output is read by threads, line by line, as it comes."""
 
     def __init__(
-        self, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+        self, argv: list[str], env: Mapping[str, str] | None = None, cwd: Path | None = None
     ) -> None:
         self.argv = argv
         self.popen = subprocess.Popen(
@@ -499,13 +493,6 @@ def procs() -> Iterator[list[Proc]]:
     yield started
     for p in reversed(started):
         p.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def http_get(url: str, timeout: float = 10) -> tuple[int, bytes]:

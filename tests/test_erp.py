@@ -6,20 +6,26 @@ import asyncio
 import csv
 import gzip
 import json
-from collections.abc import AsyncIterator
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from conftest import SimFactory, run_once
-from test_cli import cli
+from conftest import (
+    CREDS_ENV,
+    SMALL,
+    HttpServer,
+    SimFactory,
+    cli,
+    config_doc,
+    run_once,
+    write_toml,
+)
 from zoho_image_sync.service import Service
 from zoho_image_sync.simulator import Simulator
 from zoho_image_sync.sources import ItemsFileError, iter_json_array
-
-SMALL = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
 
 
 def export_record(sim: Simulator, item: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +98,7 @@ async def test_url_map_overrides_zoho_and_a_changed_url_is_a_changed_image(
     without = next(i["item_id"] for i in sim.items if not i["image_document_id"])
     gif = cdn.image_bytes(cdn.item_ids_with_images()[0]) or b""
     cdn.set_external("a.jpg", gif)
-    cdn.set_external("b.jpg", gif[::-1][::-1] + b"")
+    cdn.set_external("b.jpg", gif)
     url_map = tmp_path / "image_urls.json"
     url_map.write_text(
         json.dumps({with_image: cdn.base_url + "/ext/a.jpg", without: cdn.base_url + "/ext/b.jpg"})
@@ -118,38 +124,40 @@ async def test_url_map_overrides_zoho_and_a_changed_url_is_a_changed_image(
 
 
 @pytest.fixture
-async def redirector(make_sim: SimFactory) -> AsyncIterator[tuple[str, Simulator]]:
-    """A host that redirects: to an image, to file:, in a loop."""
+async def redirector(
+    make_sim: SimFactory, http_server: HttpServer
+) -> tuple[str, Simulator, Counter[str]]:
+    """A host that redirects: to an image, to file:, in a loop; it counts hits per path."""
     cdn = await make_sim(items=1, seed=3)
     data = cdn.image_bytes(cdn.item_ids_with_images()[0]) or b""
     cdn.set_external("img.jpg", data)
+    hits: Counter[str] = Counter()
 
     async def to_image(request: web.Request) -> web.Response:
+        hits[request.path] += 1
         raise web.HTTPFound(cdn.base_url + "/ext/img.jpg")
 
     async def to_file(request: web.Request) -> web.Response:
+        hits[request.path] += 1
         raise web.HTTPFound("file:///etc/passwd")
 
     async def loop(request: web.Request) -> web.Response:
+        hits[request.path] += 1
         raise web.HTTPFound(str(request.url))
 
-    app = web.Application()
-    app.router.add_get("/ok", to_image)
-    app.router.add_get("/file", to_file)
-    app.router.add_get("/loop", loop)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield f"http://127.0.0.1:{port}", cdn
-    await runner.cleanup()
+    base = await http_server(
+        [web.get("/ok", to_image), web.get("/file", to_file), web.get("/loop", loop)]
+    )
+    return base, cdn, hits
 
 
 async def test_redirects_only_to_http_and_at_most_five(
-    make_sim: SimFactory, make_config: Any, tmp_path: Path, redirector: tuple[str, Simulator]
+    make_sim: SimFactory,
+    make_config: Any,
+    tmp_path: Path,
+    redirector: tuple[str, Simulator, Counter[str]],
 ) -> None:
-    base, cdn = redirector
+    base, cdn, hits = redirector
     sim = await make_sim(**SMALL)
     a, b, c = sim.item_ids_with_images()[:3]
     url_map = tmp_path / "image_urls.json"
@@ -158,6 +166,11 @@ async def test_redirects_only_to_http_and_at_most_five(
     report, _ = await run_once(cfg)
     errors = {e["zoho_item_id"]: e["reason"] for e in report["errors"]}
     assert errors == {b: "bad_url", c: "bad_url"}
+    details = {e["zoho_item_id"]: e["detail"] for e in report["errors"]}
+    assert "more than 5 redirects" in details[c]
+    assert "only http and https" in details[b]
+    # The loop's first request and five redirects followed, then it stops: no retries.
+    assert hits == {"/ok": 1, "/file": 1, "/loop": 6}
     assert (cfg.storage.images_dir / f"{a}.jpg").read_bytes() == cdn.image_bytes(
         cdn.item_ids_with_images()[0]
     )
@@ -165,13 +178,11 @@ async def test_redirects_only_to_http_and_at_most_five(
 
 
 async def test_audit_pages_only_and_matches_the_truth(make_sim: SimFactory, tmp_path: Path) -> None:
-    from conftest import config_doc, write_toml
-
     sim = await make_sim()
     cfg = write_toml(tmp_path / "config.toml", config_doc(sim))
     listing = tmp_path / "missing.csv"
     proc = await asyncio.to_thread(
-        cli, "-c", str(cfg), "audit", "--list", str(listing), env=_creds()
+        cli, "-c", str(cfg), "audit", "--list", str(listing), env=CREDS_ENV
     )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
@@ -184,21 +195,13 @@ async def test_audit_pages_only_and_matches_the_truth(make_sim: SimFactory, tmp_
     assert {r["zoho_item_id"] for r in rows} == truth
 
 
-def _creds() -> dict[str, str]:
-    from conftest import CREDS_ENV
-
-    return dict(CREDS_ENV)
-
-
 async def test_export_merge_changes_only_the_image_fields(
     make_sim: SimFactory, tmp_path: Path
 ) -> None:
-    from conftest import config_doc, write_toml
-
     sim = await make_sim(**SMALL)
     sim.add_fault("not_found", sim.item_ids_with_images()[2])
     cfg = write_toml(tmp_path / "config.toml", config_doc(sim))
-    once = await asyncio.to_thread(cli, "-c", str(cfg), "once", env=_creds())
+    once = await asyncio.to_thread(cli, "-c", str(cfg), "once", env=CREDS_ENV)
     assert once.returncode == 0
     erp = []
     for n, item in enumerate(sim.items):
@@ -348,7 +351,7 @@ async def test_incremental_pass_retries_failed_items(
 
 
 async def test_gzipped_bodies_are_unpacked_and_a_gzip_bomb_stops_at_the_cap(
-    make_sim: SimFactory, make_config: Any, tmp_path: Path
+    make_sim: SimFactory, make_config: Any, tmp_path: Path, http_server: HttpServer
 ) -> None:
     # Content-Length is the packed size here: the one-read path must not be taken, and the
     # unpacked bytes must be what is stored and what max_image_bytes caps.
@@ -368,25 +371,13 @@ async def test_gzipped_bodies_are_unpacked_and_a_gzip_bomb_stops_at_the_cap(
     async def huge(request: web.Request) -> web.Response:
         return gz(bomb)
 
-    app = web.Application()
-    app.router.add_get("/small.jpg", small)
-    app.router.add_get("/bomb.jpg", huge)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
-        sim = await make_sim(**SMALL)
-        a, b = sim.item_ids_with_images()[:2]
-        url_map = tmp_path / "image_urls.json"
-        url_map.write_text(json.dumps({a: base + "/small.jpg", b: base + "/bomb.jpg"}))
-        cfg = make_config(
-            sim, source={"url_map": str(url_map)}, download={"max_image_bytes": 5 << 20}
-        )
-        report, _ = await run_once(cfg)
-    finally:
-        await runner.cleanup()
+    base = await http_server([web.get("/small.jpg", small), web.get("/bomb.jpg", huge)])
+    sim = await make_sim(**SMALL)
+    a, b = sim.item_ids_with_images()[:2]
+    url_map = tmp_path / "image_urls.json"
+    url_map.write_text(json.dumps({a: base + "/small.jpg", b: base + "/bomb.jpg"}))
+    cfg = make_config(sim, source={"url_map": str(url_map)}, download={"max_image_bytes": 5 << 20})
+    report, _ = await run_once(cfg)
     assert {e["zoho_item_id"]: e["reason"] for e in report["errors"]} == {b: "too_large"}
     assert (cfg.storage.images_dir / f"{a}.jpg").read_bytes() == image
     assert not list(cfg.storage.images_dir.glob(f"{b}.*"))

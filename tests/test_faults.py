@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import random
@@ -19,32 +18,18 @@ from conftest import (
     CREDS_ENV,
     DEVNULL,
     PIPE,
+    SMALL,
+    DaemonFactory,
     SimFactory,
+    assert_folder_matches_state,
     assert_mirror,
     config_doc,
+    daemon_config,
     run_once,
     start_once,
     write_toml,
 )
-from daemon_harness import Daemon, free_port, get_json, scrape
-
-SMALL = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
-
-
-def check_folder(images: Path, state_file: Path) -> dict[str, Any]:
-    """Every file at a final name is complete and recorded with its sha256; no temporaries."""
-    from zoho_image_sync.state import State
-
-    state = State.read(state_file)
-    files = sorted(images.iterdir()) if images.exists() else []
-    assert not [f.name for f in files if f.name.startswith(".")]
-    recorded = {
-        Path(e["path"]).name: e for e in state.items.values() if e["status"] == "downloaded"
-    }
-    for f in files:
-        assert f.name in recorded, f"{f.name} on disk but not in the state"
-        assert hashlib.sha256(f.read_bytes()).hexdigest() == recorded[f.name]["sha256"]
-    return dict(state.items)
+from daemon_harness import get_json, scrape
 
 
 @pytest.mark.timeout(120)
@@ -70,7 +55,7 @@ async def test_sigkill_at_random_points_loses_nothing(make_sim: SimFactory, tmp_
     assert final.returncode == 0
     assert json.loads(out)["status"] == "success"
     assert_mirror(sim, images)
-    check_folder(images, state_file)
+    assert_folder_matches_state(images, state_file)
     served = [r.item_id for r in sim.records if r.endpoint == "image" and r.status == 200]
     extra = len(served) - 120
     # Each kill may cost the images the 4 workers held (served but not yet recorded): each
@@ -94,7 +79,7 @@ async def test_corrupt_state_is_set_aside_and_rebuilt(
     # Nothing lost: every image is still there with the same bytes, now recorded again.
     assert {p.name: p.read_bytes() for p in cfg.storage.images_dir.iterdir()} == before
     assert report["statistics"]["updated"] == 120  # verified by downloading, not trusted
-    check_folder(cfg.storage.images_dir, cfg.storage.state_file)
+    assert_folder_matches_state(cfg.storage.images_dir, cfg.storage.state_file)
 
 
 async def test_journal_keeps_downloads_done_since_the_last_save(
@@ -226,56 +211,43 @@ async def test_token_endpoint_down_fails_once_with_exit_1(
 
 @pytest.mark.parametrize("fault", ["invalid_code", "throttle"])
 async def test_daemon_stays_up_unready_when_the_token_is_refused(
-    make_sim: SimFactory, tmp_path: Path, fault: str
+    make_sim: SimFactory, daemons: DaemonFactory, tmp_path: Path, fault: str
 ) -> None:
     sim = await make_sim(**SMALL)
     sim.token_fault(fault)
-    port = free_port()
-    cfg = write_toml(
-        tmp_path / "config.toml", config_doc(sim, http={"listen": f"127.0.0.1:{port}"})
-    )
-    d = Daemon(cfg, tmp_path)
-    await d.start()
-    try:
-        await d.wait_for("READY=1")
-        await d.wait_for("STATUS=last pass failed")
-        status, body = await get_json(port, "/readyz")
-        assert status == 503 and body["ready"] is False
-        m = await scrape(port)
-        result = "error" if fault == "invalid_code" else "throttled"
-        assert m[("zoho_image_sync_token_refreshes_total", (("result", result),))] == 1
-        assert m[("zoho_image_sync_ready", ())] == 0
-        status, _ = await get_json(port, "/healthz")
-        assert status == 200
-        # One call to the token endpoint, not a loop.
-        assert sim.stats()["requests"]["token"] == {"200": 1}
-        d.signal(signal.SIGTERM)
-        assert await d.wait() == 0
-    finally:
-        await d.stop()
+    cfg, port = daemon_config(tmp_path, sim)
+    d = await daemons(cfg, tmp_path)
+    await d.wait_for("READY=1")
+    await d.wait_for("STATUS=last pass failed")
+    status, body = await get_json(port, "/readyz")
+    assert status == 503 and body["ready"] is False
+    m = await scrape(port)
+    result = "error" if fault == "invalid_code" else "throttled"
+    assert m[("zoho_image_sync_token_refreshes_total", (("result", result),))] == 1
+    assert m[("zoho_image_sync_ready", ())] == 0
+    status, _ = await get_json(port, "/healthz")
+    assert status == 200
+    # One call to the token endpoint, not a loop.
+    assert sim.stats()["requests"]["token"] == {"200": 1}
+    d.signal(signal.SIGTERM)
+    assert await d.wait() == 0
     needle = b"zoho.refresh_token" if fault == "invalid_code" else b"throttled"
     assert needle in d.stderr
 
 
 async def test_secrets_never_reach_state_metrics_or_endpoints(
-    make_sim: SimFactory, tmp_path: Path
+    make_sim: SimFactory, daemons: DaemonFactory, tmp_path: Path
 ) -> None:
     sim = await make_sim(**SMALL)
-    port = free_port()
-    doc = config_doc(sim, http={"listen": f"127.0.0.1:{port}"}, log={"level": "debug"})
-    cfg = write_toml(tmp_path / "config.toml", doc)
-    d = Daemon(cfg, tmp_path)
-    await d.start()
-    try:
-        await d.wait_for("STATUS=last pass success")
-        texts = []
-        for path in ("/state", "/readyz", "/healthz"):
-            texts.append(json.dumps((await get_json(port, path))[1]))
-        texts.append(repr(await scrape(port)))
-        d.signal(signal.SIGTERM)
-        await d.wait()
-    finally:
-        await d.stop()
+    cfg, port = daemon_config(tmp_path, sim, log={"level": "debug"})
+    d = await daemons(cfg, tmp_path)
+    await d.wait_for("STATUS=last pass success")
+    texts = []
+    for path in ("/state", "/readyz", "/healthz"):
+        texts.append(json.dumps((await get_json(port, path))[1]))
+    texts.append(repr(await scrape(port)))
+    d.signal(signal.SIGTERM)
+    await d.wait()
     token = json.loads((tmp_path / "data" / "token.json").read_text())["access_token"]
     texts += [d.stderr.decode(), (tmp_path / "data" / "state.json").read_text()]
     for text in texts:
@@ -285,40 +257,42 @@ async def test_secrets_never_reach_state_metrics_or_endpoints(
 
 
 async def test_daemon_sleeps_when_zoho_says_the_day_is_spent(
-    make_sim: SimFactory, tmp_path: Path
+    make_sim: SimFactory, daemons: DaemonFactory, tmp_path: Path
 ) -> None:
     from zoho_image_sync.limits import next_utc_midnight
 
     sim = await make_sim(**SMALL, daily_limit=40)
-    port = free_port()
-    cfg = write_toml(
-        tmp_path / "config.toml",
-        config_doc(sim, http={"listen": f"127.0.0.1:{port}"}, sync={"interval_seconds": 1}),
-    )
-    d = Daemon(cfg, tmp_path)
-    await d.start()
-    try:
-        await d.wait_for("STATUS=last pass interrupted")
-        status, state = await get_json(port, "/state")
-        assert state["last_report"]["reason"] == "daily_budget"
-        assert state["budget_resumes_at"] == next_utc_midnight(state["last_report"]["finished_at"])
-        assert state["daily_budget_remaining"] == 0
-        m = await scrape(port)
-        assert m[("zoho_image_sync_daily_budget_remaining", ())] == 0
-        status, _ = await get_json(port, "/readyz")
-        assert status == 200  # spending the budget is not a failure
-        spent = sim.stats()["api_requests"]
-        assert spent <= 40 + 10
-        # interval_seconds is 1, yet no new pass starts before the reset: a second
-        # /state read after a reload (which re-schedules) still shows no new request.
-        d.signal(signal.SIGHUP)
-        await d.wait_for("READY=1")
-        status, state = await get_json(port, "/state")
-        assert state["pass"] is None and sim.stats()["api_requests"] == spent
-        d.signal(signal.SIGTERM)
-        assert await d.wait() == 0
-    finally:
-        await d.stop()
+    interval = 1
+    cfg, port = daemon_config(tmp_path, sim, sync={"interval_seconds": interval})
+    d = await daemons(cfg, tmp_path)
+    await d.wait_for("STATUS=last pass interrupted")
+    status, state = await get_json(port, "/state")
+    assert state["last_report"]["reason"] == "daily_budget"
+    assert state["budget_resumes_at"] == next_utc_midnight(state["last_report"]["finished_at"])
+    assert state["daily_budget_remaining"] == 0
+    m = await scrape(port)
+    assert m[("zoho_image_sync_daily_budget_remaining", ())] == 0
+    status, _ = await get_json(port, "/readyz")
+    assert status == 200  # spending the budget is not a failure
+    spent = sim.stats()["api_requests"]
+    assert spent <= 40 + 10
+    # interval_seconds is 1, yet no new pass starts before the reset, not even after a
+    # reload (which re-schedules): for three intervals no pass ends and no request comes.
+    d.signal(signal.SIGHUP)
+    await d.wait_for("READY=1")
+    watch = {
+        asyncio.ensure_future(d.wait_for("STATUS=last pass")),
+        asyncio.ensure_future(sim.wait_api_requests(spent + 1)),
+    }
+    done, pending = await asyncio.wait(watch, timeout=3 * interval)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    assert not done, [t.result() for t in done]
+    status, state = await get_json(port, "/state")
+    assert state["pass"] is None and sim.stats()["api_requests"] == spent
+    d.signal(signal.SIGTERM)
+    assert await d.wait() == 0
 
 
 async def test_dns_failure_is_retried_then_fails_the_pass(

@@ -11,12 +11,10 @@ from typing import Any
 
 import pytest
 
-from conftest import SimFactory, assert_mirror, run_once
+from conftest import SMALL, SimFactory, assert_mirror, run_once
 from zoho_image_sync import storage
 from zoho_image_sync.simulator import Simulator
 from zoho_image_sync.storage import sniff_image
-
-SMALL = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
 
 
 async def test_full_pass_mirrors_the_catalogue(make_sim: SimFactory, make_config: Any) -> None:

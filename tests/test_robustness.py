@@ -13,12 +13,10 @@ from typing import Any
 
 import pytest
 
-from conftest import SimFactory, assert_mirror, run_once
+from conftest import SMALL, SimFactory, assert_mirror, run_once
 from zoho_image_sync import storage
 from zoho_image_sync.pager import zoho_pages
 from zoho_image_sync.service import Service
-
-SMALL = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
 
 
 async def test_malformed_urls_fail_their_item_not_the_pass(

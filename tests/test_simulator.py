@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
+import time
 import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -725,9 +726,14 @@ async def test_truncate_fault_on_the_items_list(make_harness: MakeHarness) -> No
 async def test_slow_fault_delays_then_serves(make_harness: MakeHarness) -> None:
     h = await make_harness()
     item_id = h.sim.item_ids_with_images()[0]
-    h.sim.add_fault("slow", item_id, delay=0.01)
+    delay = 0.2
+    h.sim.add_fault("slow", item_id, delay=delay)
+    t0 = time.monotonic()
     response = await h.image(item_id)
+    elapsed = time.monotonic() - t0
     assert response.status == 200 and await response.read() == h.sim.image_bytes(item_id)
+    # The client's span contains the server's hold, which lasts at least the delay.
+    assert elapsed >= delay, elapsed
     assert h.sim.records[0].fault == "slow"
 
 

@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from aiohttp import web
@@ -47,17 +47,7 @@ class _Call:
     fault: str | None = None
 
     def record(self) -> RequestRecord:
-        return RequestRecord(
-            t=self.t,
-            endpoint=self.endpoint,
-            path=self.path,
-            item_id=self.item_id,
-            page=self.page,
-            status=self.status,
-            zoho_code=self.zoho_code,
-            bytes_sent=self.bytes_sent,
-            fault=self.fault,
-        )
+        return RequestRecord(**asdict(self))
 
 
 def _dumps(data: Any) -> bytes:

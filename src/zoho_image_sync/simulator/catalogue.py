@@ -163,9 +163,6 @@ class Catalogue:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, item_id: object) -> bool:
-        return item_id in self._entries
-
     @property
     def items(self) -> list[dict[str, Any]]:
         """Every item as served, in catalogue order (copies)."""

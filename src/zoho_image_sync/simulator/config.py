@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 # Obviously fake credentials the simulator accepts by default (the `demo` command uses them).
 DEMO_CLIENT_ID = "1000.DEMOCLIENTID0SIMULATOR0NOT0REAL"
 DEMO_CLIENT_SECRET = "demo0client0secret0simulator0not0real0000"  # noqa: S105 (fake by design)
 DEMO_REFRESH_TOKEN = "1000.demo0refresh0token0simulator.not0a0real0token0000"  # noqa: S105
+# The same, as the environment variables zoho-image-sync reads its credentials from.
+DEMO_CREDS_ENV: Mapping[str, str] = MappingProxyType(
+    {
+        "ZOHO_CLIENT_ID": DEMO_CLIENT_ID,
+        "ZOHO_CLIENT_SECRET": DEMO_CLIENT_SECRET,
+        "ZOHO_REFRESH_TOKEN": DEMO_REFRESH_TOKEN,
+    }
+)
 
 _REAL_ITEMS = 2205
 _REAL_WITH_IMAGES = 1605

@@ -54,11 +54,16 @@ class RequestRecord:
 
 def max_in_window(records: Iterable[RequestRecord], window: float) -> int:
     """The most API arrivals within any span shorter than window seconds."""
-    times = sorted(record.t for record in records if record.is_api)
+    return max_arrivals_in_window((record.t for record in records if record.is_api), window)
+
+
+def max_arrivals_in_window(times: Iterable[float], window: float) -> int:
+    """The most of ``times`` (in any order) within any span shorter than window seconds."""
+    ordered = sorted(times)
     best = 0
     start = 0
-    for end, t in enumerate(times):
-        while t - times[start] >= window:
+    for end, t in enumerate(ordered):
+        while t - ordered[start] >= window:
             start += 1
         best = max(best, end - start + 1)
     return best
