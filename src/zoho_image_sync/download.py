@@ -44,7 +44,6 @@ class Outcome:
 
     kind: str  # "new" | "updated" | "unchanged" | "error"
     fields: dict[str, Any]
-    bytes: int = 0
     reason: str | None = None
     detail: str | None = None
 
@@ -189,4 +188,4 @@ def _written(
         "detail": None,
     }
     log.debug("image written", item_id=job.item.item_id, bytes=sink.size, ext=ext)
-    return Outcome("updated" if had_image else "new", fields, bytes=sink.size)
+    return Outcome("updated" if had_image else "new", fields)

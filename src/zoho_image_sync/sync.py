@@ -508,7 +508,7 @@ class SyncPass:
         else:
             self.stats.updated += 1
         self.stats.images_downloaded += 1
-        self.stats.bytes_downloaded += outcome.bytes
+        self.stats.bytes_downloaded += outcome.fields["bytes"]
 
     def _forget_unlisted(self) -> None:
         """After a complete pass, items Zoho no longer lists lose their local image."""
