@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .common import fmt, median
-from .scenarios import ARIA, SEQ, ZIS, ZIS_DISK
+from .scenarios import AIO, ARIA, SEQ, ZIS, ZIS_DISK
 
 MB = "MB"
 
@@ -66,13 +66,14 @@ def raw_section(
         "CPU/1k ÷ aria2c",
     ]
     rows: list[list[str]] = []
-    for who in (ZIS, ARIA, SEQ, ZIS_DISK):
+    label = {ZIS_DISK: ZIS_DISK, AIO: "aiohttp alone (reference: bodies dropped, no file)"}
+    for who in (ZIS, ARIA, SEQ, ZIS_DISK, AIO):
         if who not in s:
             continue
         d = s[who]
         rows.append(
             [
-                who + (" (tmpfs)" if who != ZIS_DISK else ""),
+                label.get(who, who + " (tmpfs)"),
                 fmt(d["images_per_s"]),
                 fmt(d["mb_per_s"]),
                 fmt(d["cpu_per_1k"], 2),

@@ -42,6 +42,7 @@ ZIS = "zoho-image-sync"
 ZIS_DISK = "zoho-image-sync (ext4 disk)"
 ARIA = "aria2c"
 SEQ = "sequential client"
+AIO = "aiohttp alone"  # a reference: the same library and loop, bodies dropped
 
 
 @dataclass
@@ -179,12 +180,26 @@ def run_contender(
             stdout_path=Path(f"{log_stem}.out"),
             stderr_path=Path(f"{log_stem}.err"),
         )
+    elif name == AIO:
+        ids = out_root / "ids.txt"
+        ids.write_text("".join(f"{i}\n" for i in site.ids))
+        argv = [sys.executable, "-m", "bench.aioclient", ng.base, str(ids)]
+        m = run_measured(
+            [*argv, f"Zoho-oauthtoken {TOKEN}", "--workers", str(ctx.workers)],
+            cwd=ROOT,
+            stdout_path=Path(f"{log_stem}.out"),
+            stderr_path=Path(f"{log_stem}.err"),
+        )
     else:
         raise ValueError(name)
     server_cpu = ng.worker_cpu() - cpu0
     if m.returncode != 0:
         raise RuntimeError(f"{name} exited {m.returncode}: {_tail(Path(f'{log_stem}.err'))}")
-    n, nbytes = count_files(images_dir)
+    if name == AIO:  # writes nothing: it reports what it received
+        got = _read_report(Path(f"{log_stem}.out")) or {}
+        n, nbytes = int(got.get("images", 0)), int(got.get("bytes", 0))
+    else:
+        n, nbytes = count_files(images_dir)
     run = Run(
         contender=name,
         rep=rep,
@@ -286,7 +301,7 @@ def _summarise(runs: list[Run]) -> dict[str, dict[str, list[float]]]:
 def raw_throughput(ctx: Context) -> dict[str, Any]:
     """Scenario 1: 5,000 images from nginx on loopback, limits off."""
     site = ctx.site(ctx.images)
-    contenders = [ZIS, ARIA, SEQ, ZIS_DISK]
+    contenders = [ZIS, ARIA, SEQ, ZIS_DISK, AIO]
     runs: list[Run] = []
     wrk: list[dict[str, float]] = []
     with Nginx(ctx.disk / "nginx-raw", site.docroot) as ng:
