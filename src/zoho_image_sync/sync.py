@@ -325,11 +325,11 @@ class SyncPass:
         if item_id in self.url_map:
             item = _with_map(item)
         if not url and item.has_zoho_image:
-            url = self.client.image_url(item_id)
-        if not url:
+            url = self.client.image_url(item_id)  # built here: no need to parse it
+        elif not url:
             await self._no_image(item, prev)
             return
-        if not _fetchable(url):
+        elif not _fetchable(url):
             self._error(item_id, "bad_url", f"only http and https URLs are fetched: {url[:200]}")
             self.metrics.image_failures.labels("bad_url").inc()
             self.state.put(

@@ -98,8 +98,11 @@ class ZohoClient:
 
     def is_zoho_url(self, url: str) -> bool:
         """True when ``url`` is on the Zoho API host (so it takes the token and the gate)."""
+        base = self.api_base
+        if url.startswith(base + "/"):  # our own image URLs: no parsing per image
+            return True
         try:
-            return urlsplit(url).netloc.lower() == urlsplit(self.api_base).netloc.lower()
+            return urlsplit(url).netloc.lower() == urlsplit(base).netloc.lower()
         except ValueError:
             return False
 
