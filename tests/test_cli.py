@@ -201,3 +201,27 @@ def test_status_before_any_pass(tmp_path: Path) -> None:
         "items": {"downloaded": 0, "no_image": 0, "failed": 0, "pending": 0},
         "last_pass": None,
     }
+
+
+async def test_sigterm_then_one_sigint_still_drains(make_sim: SimFactory, tmp_path: Path) -> None:
+    # systemd's SIGTERM, then an operator's single Ctrl-C: a clean stop, not a forced exit.
+    sim = await make_sim(**SMALL)
+    sim.add_fault("slow", None, delay=30)
+    doc = config_doc(
+        sim, download={"workers": 2, "timeout_seconds": 60}, sync={"shutdown_timeout_seconds": 1}
+    )
+    cfg = write_toml(tmp_path / "config.toml", doc)
+    proc = await start_once(cfg, stdout=PIPE, stderr=PIPE)
+    await sim.wait_in_flight(2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stderr is not None
+    async with asyncio.timeout(10):
+        while b"stop requested" not in (line := await proc.stderr.readline()):
+            assert line, "child exited early"
+    proc.send_signal(signal.SIGINT)
+    async with asyncio.timeout(20):
+        out, _ = await proc.communicate()
+    sim.release_slow()
+    assert proc.returncode == 75  # once, interrupted: drained and saved
+    assert json.loads(out)["reason"] == "signal"
+    assert not [p for p in (tmp_path / "data" / "images" / "item").iterdir()]

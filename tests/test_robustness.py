@@ -17,6 +17,7 @@ from conftest import SMALL, SimFactory, assert_mirror, run_once
 from zoho_image_sync import storage
 from zoho_image_sync.pager import zoho_pages
 from zoho_image_sync.service import Service
+from zoho_image_sync.sync import SyncPass
 
 
 async def test_malformed_urls_fail_their_item_not_the_pass(
@@ -204,3 +205,28 @@ async def test_a_stuck_disk_does_not_hold_a_stop_past_its_deadline(
         assert report["statistics"]["images_downloaded"] == 0
     finally:
         gate.set()
+
+
+async def test_a_pass_that_raises_still_saves_the_budget_and_window(
+    make_sim: SimFactory, make_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug (or an unexpected OSError) past the last item must not lose the day's count:
+    # a restart would otherwise spend the daily budget twice.
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    _, code = await run_once(cfg)
+    assert code == 0
+    first = sim.stats()["api_requests"]
+
+    def broken(self: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(SyncPass, "_forget_unlisted", broken)
+    report, code = await run_once(cfg)
+    assert code == 1 and report["status"] == "failed"
+    total = sim.stats()["api_requests"]
+    assert total > first  # the second pass paged the catalogue
+    meta = json.loads(cfg.storage.state_file.read_bytes())["meta"]
+    assert meta["budget"]["spent"] == total
+    window = json.loads((cfg.storage.state_file.parent / "ratewindow.json").read_bytes())
+    assert len(window) == total

@@ -142,13 +142,16 @@ def run_async(
         for sig, handler in (also or {}).items():
             loop.add_signal_handler(sig, handler)
         if on_stop is not None:
-            hits = {"n": 0}
+            interrupts = {"n": 0}
 
             def on_signal(sig: signal.Signals) -> None:
-                hits["n"] += 1
-                if hits["n"] > 1 and sig == signal.SIGINT:
-                    log.warning("second interrupt: exiting now")
-                    os._exit(130)
+                # Only a second SIGINT (an operator's second Ctrl-C) forces: SIGTERM from
+                # systemd then one Ctrl-C still drains and saves.
+                if sig == signal.SIGINT:
+                    interrupts["n"] += 1
+                    if interrupts["n"] > 1:
+                        log.warning("second interrupt: exiting now")
+                        os._exit(130)
                 on_stop()
 
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -295,6 +295,11 @@ class Service:
         self.current_pass = p
         try:
             report = await p.run()
+        except BaseException:
+            # The pass did not reach its final save: shutdown must still write the budget
+            # spent and the rate window, or a restart would under-count today's requests.
+            self.state.dirty += 1
+            raise
         finally:
             self.current_pass = None
         self.last_report = report

@@ -218,7 +218,10 @@ class SyncPass:
         self._on_disk = {}
         report = self._report()
         if self.finishing is not None:
-            self.finishing(self, report)  # the caller's bookkeeping, in the same final save
+            try:  # the caller's bookkeeping, in the same final save, which must happen anyway
+                self.finishing(self, report)
+            except Exception:
+                log.exception("pass bookkeeping failed; saving the state without it")
         self.state.last_pass = report
         await self.state.save()
         self.metrics.pass_duration.observe(time.monotonic() - t0)
