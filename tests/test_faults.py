@@ -307,3 +307,45 @@ async def test_dns_failure_is_retried_then_fails_the_pass(
     assert code == 1 and report["status"] == "failed"
     assert report["reason"] == "items page 1: 2 attempts, last: dns_failed"
     assert sim.stats()["requests"] == {"token": {"200": 1}}
+
+
+async def test_journal_lines_of_one_loop_turn_reach_the_file_by_the_next_turn(
+    tmp_path: Path,
+) -> None:
+    from zoho_image_sync.state import State
+
+    state = State(tmp_path / "state.json")
+    state.journaling = True
+    for n in range(5):
+        state.put(f"I{n}", status="downloaded", path=f"/x/I{n}.jpg", sha256="00")
+    assert not state.journal_path.exists()  # buffered: one write for the whole turn
+    await asyncio.sleep(0)
+    lines = state.journal_path.read_bytes().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [f"I{n}" for n in range(5)]
+    # A save (or close) writes what is buffered before it rotates the journal.
+    state.put("I9", status="no_image")
+    await state.save()
+    assert State.read(tmp_path / "state.json").items["I9"]["status"] == "no_image"
+    state.put("I8", status="no_image")
+    state.close()
+    assert json.loads(state.journal_path.read_bytes().splitlines()[-1])["id"] == "I8"
+
+
+async def test_a_journal_write_failure_is_logged_and_the_save_still_has_everything(
+    tmp_path: Path,
+) -> None:
+    from structlog.testing import capture_logs
+
+    from zoho_image_sync.state import State
+
+    state = State(tmp_path / "state.json")
+    state.journaling = True
+    state.journal_path.mkdir()  # the journal cannot be opened as a file
+    with capture_logs() as logs:
+        state.put("A1", status="downloaded", path="/x/A1.jpg", sha256="00")
+        await asyncio.sleep(0)
+    assert [e["event"] for e in logs] == ["could not append to the state journal"]
+    assert "Is a directory" in logs[0]["error"]
+    state.journal_path.rmdir()
+    await state.save()
+    assert State.read(tmp_path / "state.json").items["A1"]["sha256"] == "00"

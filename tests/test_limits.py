@@ -97,3 +97,68 @@ def test_budget_day_starts_at_the_configured_utc_hour() -> None:
     assert b.remaining == 0
     now[0] = dt.datetime(2026, 12, 4, 22, 0, 1, tzinfo=dt.UTC).timestamp()
     assert b.remaining == 1
+
+
+def test_budget_day_follows_a_reset_hour_changed_live_and_a_clock_set_back() -> None:
+    import datetime as dt
+
+    now = [dt.datetime(2026, 12, 4, 21, 30, tzinfo=dt.UTC).timestamp()]
+    b = DailyBudget(1, wall=lambda: now[0])
+    b.take()
+    assert b.remaining == 0
+    # A reload moves the day's start to 22:00 UTC: 21:30 now belongs to the budget day
+    # that began at 22:00 the evening before, which has another count.
+    b.reset_hour = 22
+    assert b.remaining == 1
+    b.take()
+    assert b.remaining == 0
+    # The clock set back by a day: another budget day, another count.
+    now[0] -= 86400
+    assert b.remaining == 1
+
+
+async def test_slots_serve_waiters_in_order_and_a_cancelled_waiter_loses_nothing() -> None:
+    slots = Slots(1)
+    await slots.acquire()
+    order: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await slots.acquire()
+        order.append(name)
+        slots.release()
+
+    first = asyncio.create_task(waiter("first"))
+    doomed = asyncio.create_task(waiter("doomed"))
+    last = asyncio.create_task(waiter("last"))
+    await asyncio.sleep(0)  # all three are queued (no timing: one loop turn)
+    assert len(slots._waiters) == 3
+    doomed.cancel()
+    slots.release()
+    async with asyncio.timeout(2):
+        await asyncio.gather(first, last)
+    assert doomed.cancelled()
+    assert order == ["first", "last"]
+    assert slots.in_use == 0
+
+    # Handed a slot and cancelled before it could run: the slot comes back.
+    await slots.acquire()
+    granted = asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0)
+    slots.release()  # hands the slot to `granted`...
+    granted.cancel()  # ...which is cancelled before it resumes
+    with pytest.raises(asyncio.CancelledError):
+        await granted
+    assert slots.in_use == 0
+    async with asyncio.timeout(2):
+        async with slots.hold():
+            assert slots.in_use == 1
+    assert slots.in_use == 0
+
+
+async def test_rolling_window_fast_path_still_counts_and_blocks() -> None:
+    rw = RollingWindow(3, window=60, margin=0.0)
+    cells = [await rw.acquire() for _ in range(3)]
+    assert len(cells) == 3 and len(rw.snapshot(time.time())) == 3
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await rw.acquire()  # the fourth waits for the window, fast path or not

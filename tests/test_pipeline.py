@@ -13,6 +13,7 @@ import pytest
 
 from conftest import SMALL, SimFactory, assert_mirror, run_once
 from zoho_image_sync import storage
+from zoho_image_sync.service import Service
 from zoho_image_sync.simulator import Simulator
 from zoho_image_sync.storage import sniff_image
 
@@ -253,14 +254,22 @@ async def test_a_slow_disk_holds_the_workers_at_two_images_each(
         return real(*args)
 
     monkeypatch.setattr(storage, "_commit_bytes", stuck_disk)
-    task = asyncio.ensure_future(run_once(cfg))
+    service = Service(cfg)
+    task = asyncio.ensure_future(service.once())
     try:
         await asyncio.wait_for(sim.wait_api_requests(1 + 4), 10)  # the first page + 4 images
         with pytest.raises(TimeoutError):  # a fifth image would come at once if unbounded
             await asyncio.wait_for(sim.wait_api_requests(1 + 5), 1.0)
         assert sum(r.endpoint == "image" for r in sim.records) == 4
+        # The scrape-time gauges see it: 4 downloads not yet durable, a full queue.
+        text = service.metrics.exposition().decode()
+        assert "\nzoho_image_sync_downloads_in_flight 4.0\n" in text
+        assert "\nzoho_image_sync_queue_depth 16.0\n" in text
     finally:
         gate.set()
     report, code = await task
+    text = service.metrics.exposition().decode()
+    assert "\nzoho_image_sync_downloads_in_flight 0.0\n" in text
+    assert "\nzoho_image_sync_queue_depth 0.0\n" in text
     assert code == 0 and report["statistics"]["images_downloaded"] == 120
     assert_mirror(sim, cfg.storage.images_dir)

@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from .errors import ItemError, StorageError
+from .logsetup import debug_enabled
 from .metrics import Metrics
 from .pager import CatalogueItem
 from .storage import Committed, ImageSink, ImageWriter, sha256_file
@@ -106,7 +107,7 @@ async def run_job(
             return Outcome("unchanged", {**base, "mtime_ns": st.st_mtime_ns})
     sink = ImageSink(images_dir, item.item_id)
     t0 = time.perf_counter()
-    metrics.downloads_in_flight.inc()
+    metrics.in_flight += 1
     handed = False
     try:
         try:
@@ -122,7 +123,7 @@ async def run_job(
                     except OSError as exc:
                         return _write_failed(exc, job, base, images_dir, metrics)
                     finally:
-                        metrics.downloads_in_flight.dec()
+                        metrics.in_flight -= 1
                     return _written(job, base, sink, path, result.ext, metrics, t0)
 
                 return Handoff(future, finish)
@@ -138,7 +139,7 @@ async def run_job(
         raise
     finally:
         if not handed:
-            metrics.downloads_in_flight.dec()
+            metrics.in_flight -= 1
     return _written(job, base, sink, path, result.ext, metrics, t0)
 
 
@@ -187,5 +188,6 @@ def _written(
         "reason": None,
         "detail": None,
     }
-    log.debug("image written", item_id=job.item.item_id, bytes=sink.size, ext=ext)
+    if debug_enabled():
+        log.debug("image written", item_id=job.item.item_id, bytes=sink.size, ext=ext)
     return Outcome("updated" if had_image else "new", fields)

@@ -84,6 +84,14 @@ class RollingWindow:
 
         Set ``cell[0]`` to the arrival time of the response once known (``ApiGate`` does).
         """
+        if not self._lock.locked():
+            # The common case, without a lock round: room in the window, nothing blocked.
+            now = self.clock()
+            self._expire(now)
+            if len(self._sent) < self.limit and self._blocked_until <= now:
+                cell = [now]
+                self._sent.append(cell)
+                return cell
         async with self._lock:
             while True:
                 now = self.clock()
@@ -108,31 +116,69 @@ class RollingWindow:
 
 
 class Slots:
-    """A semaphore whose size can change while it is held (SIGHUP)."""
+    """A semaphore whose size can change while it is held (SIGHUP).
+
+    ``acquire`` takes a free slot without suspending (the common case: one comparison per
+    request); only a request that must wait gets a future, handed its slot by ``release``
+    in arrival order.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_use = 0
-        self._cond = asyncio.Condition()
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     async def set_limit(self, limit: int) -> None:
         """Resize; holders above a smaller limit finish, newcomers wait."""
-        async with self._cond:
-            self.limit = limit
-            self._cond.notify_all()
+        self.limit = limit
+        self._wake()
 
-    @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[None]:
-        """Hold one slot for the duration of the block."""
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.in_use < self.limit)
+    def _wake(self) -> None:
+        while self._waiters and self.in_use < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # a cancelled waiter gives its turn away
+                self.in_use += 1
+                waiter.set_result(None)
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting (first come, first served) while all are held."""
+        if self.in_use < self.limit and not self._waiters:
             self.in_use += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         try:
-            yield
-        finally:
-            async with self._cond:
-                self.in_use -= 1
-                self._cond.notify()
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot, then cancelled before it could run
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Give a slot back (exactly once per ``acquire``)."""
+        self.in_use -= 1
+        if self._waiters:
+            self._wake()
+
+    def hold(self) -> _Held:
+        """``async with slots.hold():`` holds one slot for the duration of the block."""
+        return _Held(self)
+
+
+class _Held:
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: Slots) -> None:
+        self._slots = slots
+
+    async def __aenter__(self) -> None:
+        await self._slots.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._slots.release()
 
 
 def next_utc_midnight(now: float, hour: int = 0) -> float:
@@ -159,20 +205,37 @@ class DailyBudget:
     ) -> None:
         self.limit = limit
         self.wall = wall
-        self.reset_hour = reset_hour
+        self.reset_hour = reset_hour  # also clears the cached day span
         self.day = day or self._today()
         self.spent = spent if day == self._today() or not day else 0
         self.exhausted_until: float | None = None
+
+    @property
+    def reset_hour(self) -> int:
+        """The UTC hour at which a budget day starts."""
+        return self._reset_hour
+
+    @reset_hour.setter
+    def reset_hour(self, hour: int) -> None:
+        self._reset_hour = hour
+        self._day_span = (0.0, 0.0)  # recomputed by the next _roll
 
     def _today(self) -> str:
         shifted = self.wall() - self.reset_hour * 3600
         return dt.datetime.fromtimestamp(shifted, dt.UTC).date().isoformat()
 
     def _roll(self) -> None:
-        today = self._today()
-        if today != self.day:
-            self.day, self.spent = today, 0
-        if self.exhausted_until is not None and self.wall() >= self.exhausted_until:
+        now = self.wall()
+        start, end = self._day_span
+        if not start <= now < end:
+            # Once per budget day (or clock jump), not per request: date formatting showed
+            # in the per-image profile.
+            today = self._today()
+            if today != self.day:
+                self.day, self.spent = today, 0
+            end = next_utc_midnight(now, self.reset_hour)
+            self._day_span = (end - 86400.0, end)
+        if self.exhausted_until is not None and now >= self.exhausted_until:
             self.exhausted_until = None
 
     def next_reset(self) -> float:
@@ -219,27 +282,14 @@ class ApiGate:
         self.slots = Slots(max_concurrent)
         self.budget = budget
 
-    @contextlib.asynccontextmanager
-    async def request(self) -> AsyncIterator[Callable[[], None]]:
-        """Hold a concurrency slot and a window slot for one request.
+    def request(self) -> _Permit:
+        """``async with gate.request() as arrived:`` holds a concurrency and a window slot.
 
-        Yields ``arrived()``: call it when the response headers are in, so the window counts
-        the request at the latest moment Zoho can have counted it.
+        ``arrived()``: call it when the response headers are in, so the window counts the
+        request at the latest moment Zoho can have counted it. A plain class, not an
+        async generator: this runs once per request.
         """
-        self.budget.take()
-        async with self.slots.hold():
-            # The send time is recorded after the slot is held, right before sending.
-            cell = await self.window.acquire()
-            clock = self.window.clock
-
-            def arrived() -> None:
-                cell[0] = max(cell[0], clock())
-
-            try:
-                yield arrived
-            except BaseException:
-                arrived()
-                raise
+        return _Permit(self)
 
     async def reconfigure(
         self, requests_per_minute: int, max_concurrent: int, daily: int, reset_hour: int
@@ -249,6 +299,39 @@ class ApiGate:
         await self.slots.set_limit(max_concurrent)
         self.budget.limit = daily
         self.budget.reset_hour = reset_hour
+
+
+class _Permit:
+    """One request's pass through the ``ApiGate`` (see ``ApiGate.request``)."""
+
+    __slots__ = ("_cell", "_gate")
+
+    def __init__(self, gate: ApiGate) -> None:
+        self._gate = gate
+        self._cell: list[float] = [0.0]
+
+    async def __aenter__(self) -> Callable[[], None]:
+        gate = self._gate
+        gate.budget.take()
+        await gate.slots.acquire()
+        try:
+            # The send time is recorded after the slot is held, right before sending.
+            self._cell = await gate.window.acquire()
+        except BaseException:
+            gate.slots.release()
+            raise
+        return self.arrived
+
+    def arrived(self) -> None:
+        """The response is in: count the request at this moment, not at its send."""
+        now = self._gate.window.clock()
+        if now > self._cell[0]:
+            self._cell[0] = now
+
+    async def __aexit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            self.arrived()
+        self._gate.slots.release()
 
 
 class HostGate:

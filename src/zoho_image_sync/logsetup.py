@@ -71,6 +71,14 @@ class Redactor:
         return event_dict
 
 
+_debug = False
+
+
+def debug_enabled() -> bool:
+    """True when debug lines are printed: a hot path checks before building one."""
+    return _debug
+
+
 def configure(
     level: str = "info",
     fmt: str = "auto",
@@ -78,6 +86,8 @@ def configure(
     stream: TextIO | None = None,
 ) -> None:
     """(Re)configure logging; called at start and on SIGHUP."""
+    global _debug
+    _debug = LEVELS[level] <= logging.DEBUG
     stream = stream or sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     processors: list[Any] = [

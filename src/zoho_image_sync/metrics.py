@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .errors import REASONS
@@ -101,6 +103,11 @@ class Metrics:
             registry=r,
         )
         self.config_reload_ok.set(1)
+        # Read at scrape time, not pushed per image (each Gauge.set takes a lock).
+        self.in_flight = 0
+        self.queue_length: Callable[[], int] = int  # the running pass's queue, else 0
+        self.downloads_in_flight.set_function(lambda: self.in_flight)
+        self.queue_depth.set_function(lambda: self.queue_length())
         for reason in REASONS:
             self.image_failures.labels(reason)
         for status in STATUSES:

@@ -51,6 +51,7 @@ class State:
         self.recovered_from: Path | None = None
         self._save_lock = asyncio.Lock()
         self._journal_fd: int | None = None
+        self._pending: list[bytes] = []
         self.journaling = False
         # Called on the event loop right before each snapshot (e.g. to store the budget).
         # Called on the loop before each save: it may update ``meta`` and return side files
@@ -69,11 +70,40 @@ class State:
     def _append(self, record: dict[str, Any]) -> None:
         if not self.journaling:
             return
+        line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        if self._pending:
+            self._pending.append(line)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # synchronous commands: write it now
+            self._write_journal(line)
+            return
+        # On the loop, the lines of one loop turn (a writer batch's worth of images) go
+        # out in one write at the end of the turn, not one syscall per image.
+        self._pending.append(line)
+        loop.call_soon(self.flush_journal)
+
+    def flush_journal(self) -> None:
+        """Write the journal lines buffered in this loop turn."""
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        try:
+            self._write_journal(b"".join(lines))
+        except OSError as exc:
+            # The entries are in memory and the next save writes them; only the crash net
+            # for the time until then is gone.
+            log.warning("could not append to the state journal", error=str(exc))
+
+    def _write_journal(self, data: bytes) -> None:
         if self._journal_fd is None:
             self._journal_fd = os.open(
                 self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
             )
-        os.write(self._journal_fd, orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._journal_fd, view) :]
 
     def _rotate(self) -> None:
         self.close()
@@ -87,7 +117,8 @@ class State:
                 self.journal_path.replace(self._rotated_path)
 
     def close(self) -> None:
-        """Close the journal file."""
+        """Write what is buffered and close the journal file."""
+        self.flush_journal()
         if self._journal_fd is not None:
             os.close(self._journal_fd)
             self._journal_fd = None

@@ -181,6 +181,7 @@ class SyncPass:
         self.metrics.pass_in_progress.set(1)
         self._on_disk = await asyncio.to_thread(_scan_images, self.images_dir)
         self._writer.start()
+        self.metrics.queue_length = self._queue.qsize
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -209,7 +210,7 @@ class SyncPass:
                 log.warning("writes still pending at the deadline; they finish in the background")
             self._reported = True
             self.metrics.pass_in_progress.set(0)
-            self.metrics.queue_depth.set(0)
+            self.metrics.queue_length = int
         self.stats.api_requests = self.client.requests_sent - requests_before
         if self.complete and self.full_scan:
             self._forget_unlisted()
@@ -301,7 +302,6 @@ class SyncPass:
                     put.cancel()
         else:
             self._queue.put_nowait(job)
-        self.metrics.queue_depth.set(self._queue.qsize())
 
     def _error(self, item_id: str, reason: str, detail: str) -> None:
         self.stats.errors += 1
@@ -418,18 +418,19 @@ class SyncPass:
         previous: asyncio.Future[Any] | None = None  # this worker's last hand-off
         while index < self.target_workers:
             job = await self._queue.get()
-            self.metrics.queue_depth.set(self._queue.qsize())
             handed = False
             try:
                 if self._stop.is_set():
                     continue
                 self.progress.in_flight += 1
                 try:
-                    # Every log line about this item (retries, 429s) carries its id.
-                    with structlog.contextvars.bound_contextvars(item_id=job.item.item_id):
-                        outcome = await run_job(
-                            job, self.client, self.images_dir, self.metrics, self._writer
-                        )
+                    # Every log line about this item (retries, 429s) carries its id. Bound
+                    # in this worker task's own context until its next item: cheaper than
+                    # a bind and unbind per image, and nothing else logs from this task.
+                    structlog.contextvars.bind_contextvars(item_id=job.item.item_id)
+                    outcome = await run_job(
+                        job, self.client, self.images_dir, self.metrics, self._writer
+                    )
                     if isinstance(outcome, Handoff):
                         # The writer has the body; this worker goes on to the next item and
                         # the item is recorded (and task_done) once its write is durable.
@@ -440,7 +441,7 @@ class SyncPass:
                         if previous is not None and not previous.done():
                             # At most two images per worker with the writer: memory stays
                             # bounded when the disk is slower than the network.
-                            await asyncio.wait({previous})
+                            await _settled(previous)
                         previous = outcome.future
                         continue
                 finally:
@@ -558,6 +559,22 @@ class SyncPass:
         report["finished_at"] = round(time.time(), 3)
         report["duration_seconds"] = round(time.time() - self.progress.started_at, 3)
         return report
+
+
+async def _settled(future: asyncio.Future[Any]) -> None:
+    """Wait until ``future`` is done without cancelling it if we are (``asyncio.wait``
+    does the same, with more machinery than one future needs)."""
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def wake(_: object) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    future.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        future.remove_done_callback(wake)
 
 
 def image_identity(item: CatalogueItem, url: str) -> str:

@@ -14,7 +14,7 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn, TypeVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 import structlog
@@ -81,6 +81,10 @@ class ZohoClient:
         # endpoint -> (the token refused even fresh, the message naming the missing scope)
         self._refused: dict[str, tuple[str, str]] = {}
         self._probes: dict[tuple[str, str], asyncio.Future[bool]] = {}
+        # Built once, not per request: the per-image profile showed each of them.
+        self._timeouts: tuple[float, aiohttp.ClientTimeout] | None = None
+        self._auth: tuple[str, dict[str, str]] = ("", {})
+        self._counters: dict[tuple[str, int], Any] = {}
 
     # -- URLs ----------------------------------------------------------------
 
@@ -94,7 +98,9 @@ class ZohoClient:
         base = self.api_base
         if self.config.zoho.image_endpoint == "books":
             base = books_base(base)
-        return f"{base}/items/{item_id}/image"
+        # organization_id in the URL itself: no query merge per request (see _zoho_request).
+        org = quote(self.config.zoho.organization_id, safe="")
+        return f"{base}/items/{item_id}/image?organization_id={org}"
 
     def is_zoho_url(self, url: str) -> bool:
         """True when ``url`` is on the Zoho API host (so it takes the token and the gate)."""
@@ -108,7 +114,22 @@ class ZohoClient:
 
     def _timeout(self) -> aiohttp.ClientTimeout:
         t = self.config.download.timeout_seconds
-        return aiohttp.ClientTimeout(total=t, connect=t, sock_read=t)
+        if self._timeouts is None or self._timeouts[0] != t:  # a reload may change it
+            self._timeouts = (t, aiohttp.ClientTimeout(total=t, connect=t, sock_read=t))
+        return self._timeouts[1]
+
+    def _headers(self, token: str) -> dict[str, str]:
+        if self._auth[0] != token:
+            self._auth = (token, {"Authorization": f"Zoho-oauthtoken {token}"})
+        return self._auth[1]
+
+    def _count(self, endpoint: str, status: int) -> None:
+        """``api_requests_total{endpoint, code}`` += 1, the labelled child looked up once."""
+        key = (endpoint, status)
+        child = self._counters.get(key)
+        if child is None:
+            child = self._counters[key] = self.metrics.api_requests.labels(endpoint, str(status))
+        child.inc()
 
     # -- Zoho API ------------------------------------------------------------
 
@@ -159,9 +180,11 @@ class ZohoClient:
         handle: Callable[[aiohttp.ClientResponse], Awaitable[T]],
         sink: ImageSink | None = None,
     ) -> T:
-        params = {**params}
+        query: dict[str, str] | None = params
         if "organization_id" not in params and "organization_id=" not in url:
-            params["organization_id"] = self.config.zoho.organization_id
+            query = {**params, "organization_id": self.config.zoho.organization_id}
+        elif not params:
+            query = None  # an image URL we built with its query: nothing for yarl to merge
         attempts = 0
         throttled = 0
         refreshed = False
@@ -181,19 +204,19 @@ class ZohoClient:
                 token = await self.tokens.token()
                 if self._is_refused(endpoint, token):
                     self._raise_refused(endpoint)
-                headers = {"Authorization": f"Zoho-oauthtoken {token}"}
+                headers = self._headers(token)
                 try:
                     async with self.gate.request() as arrived:
                         self.requests_sent += 1
                         async with self.session.get(
                             url,
-                            params=params,
+                            params=query,
                             headers=headers,
                             timeout=self._timeout(),
                             allow_redirects=False,
                         ) as resp:
                             arrived()
-                            self.metrics.api_requests.labels(endpoint, str(resp.status)).inc()
+                            self._count(endpoint, resp.status)
                             if resp.status == 401:
                                 detail = await _error_text(resp)
                                 if self._is_refused(endpoint, token):
