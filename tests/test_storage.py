@@ -129,15 +129,15 @@ async def test_writer_group_commits_one_folder_fsync_per_batch(
     # with one folder fsync and one loop wake-up, and every file exact.
     gate, entered = threading.Event(), threading.Event()
     real_commit, real_fsync = storage._commit_bytes, storage.fsync_dir
-    fsyncs: list[Path] = []
+    fsyncs: list[Path] = []  # the writer passes folder names as strings
 
     def held_commit(*args: Any) -> Any:
         entered.set()
         gate.wait(10)
         return real_commit(*args)
 
-    def counted_fsync(folder: Path) -> None:
-        fsyncs.append(folder)
+    def counted_fsync(folder: Path | str) -> None:
+        fsyncs.append(Path(folder))
         real_fsync(folder)
 
     monkeypatch.setattr(storage, "_commit_bytes", held_commit)

@@ -35,6 +35,7 @@ class Job:
     url: str
     identity: str
     previous: Mapping[str, Any] | None
+    base: Mapping[str, Any]  # image_fields(item, identity, url), built once per job
     verify_only: bool = False
     on_disk: tuple[str, ...] = ()  # this item's extensions found at pass start
 
@@ -99,7 +100,7 @@ async def run_job(
     with this write (the write was ~0.8 ms of every 52 ms round on a 50 ms link).
     """
     item = job.item
-    base = image_fields(item, job.identity, job.url)
+    base = job.base
     prev = job.previous
     if job.verify_only and prev is not None:
         st = await asyncio.to_thread(verified_stat, prev)
@@ -127,7 +128,7 @@ async def run_job(
                     return _written(job, base, sink, path, result.ext, metrics, t0)
 
                 return Handoff(future, finish)
-            path = await sink.commit(result.ext, stale)
+            path = str(await sink.commit(result.ext, stale))
         except OSError as exc:
             await sink.discard()
             return _write_failed(exc, job, base, images_dir, metrics)
@@ -143,14 +144,14 @@ async def run_job(
     return _written(job, base, sink, path, result.ext, metrics, t0)
 
 
-def _item_failed(exc: ItemError, job: Job, base: dict[str, Any], metrics: Metrics) -> Outcome:
+def _item_failed(exc: ItemError, job: Job, base: Mapping[str, Any], metrics: Metrics) -> Outcome:
     metrics.image_failures.labels(exc.reason).inc()
     log.warning("image failed", item_id=job.item.item_id, reason=exc.reason, detail=exc.detail)
-    return Outcome("error", base, reason=exc.reason, detail=exc.detail)
+    return Outcome("error", dict(base), reason=exc.reason, detail=exc.detail)
 
 
 def _write_failed(
-    exc: OSError, job: Job, base: dict[str, Any], images_dir: Path, metrics: Metrics
+    exc: OSError, job: Job, base: Mapping[str, Any], images_dir: Path, metrics: Metrics
 ) -> Outcome:
     # The client maps every network error (aiohttp's are OSErrors too) into our tree, so an
     # OSError here comes from the disk: the spill file or the commit.
@@ -164,9 +165,9 @@ def _write_failed(
 
 def _written(
     job: Job,
-    base: dict[str, Any],
+    base: Mapping[str, Any],
     sink: ImageSink,
-    path: Path,
+    path: str,
     ext: str,
     metrics: Metrics,
     t0: float,
@@ -180,7 +181,7 @@ def _written(
     fields = {
         **base,
         "status": "downloaded",
-        "path": str(path),
+        "path": path,
         "ext": ext,
         "sha256": sink.sha256(),
         "bytes": sink.size,

@@ -38,17 +38,31 @@ class CatalogueItem:
     @classmethod
     def from_zoho(cls, raw: Mapping[str, Any]) -> CatalogueItem:
         """From an item of the Inventory items list (or the ERP's export shape)."""
-        item_id = raw.get("item_id", raw.get("zoho_item_id"))
-        if isinstance(item_id, bool) or not isinstance(item_id, str | int):
-            item_id = ""  # missing, null, or not an id at all: refused as bad_item_id
+        get = raw.get
+        item_id = get("item_id")
+        if item_id is None:
+            item_id = get("zoho_item_id")
+        if type(item_id) is not str:
+            if isinstance(item_id, bool) or not isinstance(item_id, int):
+                item_id = ""  # missing, null, or not an id at all: refused as bad_item_id
+            item_id = str(item_id)
+        name = get("name")
+        if name is None:
+            name = get("name_en")
+        sku = get("sku")
+        if sku is None:
+            sku = get("code")
+        image_name, image_type = get("image_name"), get("image_type")
+        doc_id, image_url = get("image_document_id"), get("image_url")
+        # Once per catalogue item per pass: plain strings (Zoho's case) skip _text.
         return cls(
-            item_id=str(item_id),
-            name=_text(raw.get("name", raw.get("name_en"))),
-            sku=_text(raw.get("sku", raw.get("code"))),
-            image_name=_text(raw.get("image_name")),
-            image_type=_text(raw.get("image_type")),
-            image_document_id=_text(raw.get("image_document_id")),
-            image_url=_text(raw.get("image_url")),
+            item_id,
+            name if type(name) is str else _text(name),
+            sku if type(sku) is str else _text(sku),
+            image_name if type(image_name) is str else _text(image_name),
+            image_type if type(image_type) is str else _text(image_type),
+            doc_id if type(doc_id) is str else _text(doc_id),
+            image_url if type(image_url) is str else _text(image_url),
         )
 
     @property

@@ -49,12 +49,12 @@ def sniff_image(head: bytes) -> str | None:
     return None
 
 
-def image_path(images_dir: Path, item_id: str, ext: str) -> Path:
-    """The final name of an item's image."""
-    return images_dir / f"{item_id}.{ext}"
+def image_path(images_dir: Path | str, item_id: str, ext: str) -> str:
+    """The final name of an item's image (a string: pathlib showed in the per-image profile)."""
+    return f"{images_dir}{os.sep}{item_id}.{ext}"
 
 
-def fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path | str) -> None:
     """Make a rename or unlink in ``folder`` durable."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -88,7 +88,7 @@ def temp_name(folder: Path, stem: str) -> Path:
 
 
 def _replace_durably(
-    final: Path, data: bytes, mode: int, sync_folder: bool = True
+    final: Path | str, data: bytes, mode: int, sync_folder: bool = True
 ) -> os.stat_result:
     """Temp file in the same folder, write, fsync, rename, fsync the folder.
 
@@ -97,8 +97,8 @@ def _replace_durably(
     the umask took bits away. ``sync_folder=False`` leaves the folder fsync to the caller
     (the image writer does one per batch).
     """
-    folder = str(final.parent)
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{final.name}-{_unique()}")
+    folder, name = os.path.split(final)
+    tmp = f"{folder}{os.sep}{TMP_PREFIX}{name}-{_unique()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         try:
@@ -119,7 +119,7 @@ def _replace_durably(
             os.unlink(tmp)
         raise
     if sync_folder:
-        fsync_dir(final.parent)
+        fsync_dir(folder)
     return st
 
 
@@ -162,12 +162,15 @@ def split_image_name(name: str) -> tuple[str, str] | None:
 
 
 def remove_item_images(
-    images_dir: Path, item_id: str, keep: Path | None = None, exts: Iterable[str] = EXTENSIONS
+    images_dir: Path | str,
+    item_id: str,
+    keep: Path | str | None = None,
+    exts: Iterable[str] = EXTENSIONS,
 ) -> list[Path]:
     """Delete this item's images (those with an extension in ``exts``) but ``keep``; blocking."""
     removed = []
     folder = str(images_dir)
-    keep_name = keep.name if keep is not None else None
+    keep_name = os.path.basename(keep) if keep is not None else None
     for ext in exts:
         name = f"{item_id}.{ext}"
         if name == keep_name:
@@ -177,12 +180,12 @@ def remove_item_images(
             os.unlink(os.path.join(folder, name))
         except FileNotFoundError:
             continue
-        removed.append(images_dir / name)
+        removed.append(Path(folder, name))
     return removed
 
 
 def _commit_bytes(
-    final: Path, data: bytes, item_id: str, stale: Iterable[str], sync_folder: bool = True
+    final: str, data: bytes, item_id: str, stale: Iterable[str], sync_folder: bool = True
 ) -> tuple[os.stat_result, str]:
     """Hash, write durably, drop the stale extensions (blocking).
 
@@ -191,17 +194,19 @@ def _commit_bytes(
     """
     digest = hashlib.sha256(data).hexdigest()
     st = _replace_durably(final, data, 0o644, sync_folder)
-    remove_item_images(final.parent, item_id, final, stale)
+    if stale:
+        remove_item_images(os.path.dirname(final), item_id, final, stale)
     return st, digest
 
 
-def _place_spilled(tmp: Path, final: Path, item_id: str, stale: Iterable[str]) -> os.stat_result:
+def _place_spilled(tmp: Path, final: str, item_id: str, stale: Iterable[str]) -> os.stat_result:
     """Put a spilled (already fsynced) temporary in place; one thread hop (blocking)."""
     # The same mode as the small-image path, whatever the umask: the ERP reads these.
     os.chmod(tmp, 0o644)
     os.replace(tmp, final)
-    fsync_dir(final.parent)
-    remove_item_images(final.parent, item_id, final, stale)
+    folder = os.path.dirname(final)
+    fsync_dir(folder)
+    remove_item_images(folder, item_id, final, stale)
     return os.stat(final)
 
 
@@ -210,7 +215,8 @@ Committed = tuple[os.stat_result, str]
 
 @dataclass(slots=True)
 class _Request:
-    final: Path
+    final: str
+    folder: str
     data: bytes
     item_id: str
     stale: tuple[str, ...]
@@ -257,13 +263,24 @@ class ImageWriter:
         self._thread.start()
 
     def submit(
-        self, final: Path, data: bytes, item_id: str, stale: tuple[str, ...]
+        self,
+        final: Path | str,
+        data: bytes,
+        item_id: str,
+        stale: tuple[str, ...],
+        folder: str | None = None,
     ) -> asyncio.Future[Committed]:
-        """Queue ``data`` for ``final``; the future gives its stat and sha256 once durable."""
+        """Queue ``data`` for ``final``; the future gives its stat and sha256 once durable.
+
+        ``folder``: ``final``'s folder, when the caller has it at hand.
+        """
         if self._thread is None or self._loop is None:
             raise RuntimeError("ImageWriter.submit before start()")
         future: asyncio.Future[Committed] = self._loop.create_future()
-        self._queue.put(_Request(final, data, item_id, stale, future))
+        final = os.fspath(final)
+        if folder is None:
+            folder = os.path.dirname(final)
+        self._queue.put(_Request(final, folder, data, item_id, stale, future))
         return future
 
     async def aclose(self, wait_at_most: float | None = None) -> bool:
@@ -282,14 +299,14 @@ class ImageWriter:
 
     @staticmethod
     def _write_batch(batch: list[_Request]) -> None:
-        folders: dict[Path, list[_Request]] = {}
+        folders: dict[str, list[_Request]] = {}
         for req in batch:
             try:
                 req.result = _commit_bytes(req.final, req.data, req.item_id, req.stale, False)
             except Exception as exc:  # delivered to the worker that waits for it
                 req.error = exc
             else:
-                folders.setdefault(req.final.parent, []).append(req)
+                folders.setdefault(req.folder, []).append(req)
             req.data = b""
         for folder, reqs in folders.items():
             try:
@@ -346,6 +363,7 @@ class ImageSink:
         spill_bytes: int = 1 << 20,
     ) -> None:
         self.images_dir = images_dir
+        self._folder = str(images_dir)
         self.item_id = item_id
         self.spill_bytes = spill_bytes
         self.size = 0
@@ -397,19 +415,19 @@ class ImageSink:
 
     def hand_over(
         self, writer: ImageWriter, ext: str, stale: Iterable[str] | None = None
-    ) -> tuple[Path, asyncio.Future[Committed]]:
+    ) -> tuple[str, asyncio.Future[Committed]]:
         """Queue an in-memory body for ``writer`` and return at once (see ``commit``).
 
         Pass the future's result to ``committed`` once it is done.
         """
         final, data, stale_exts = self._take_buffer(ext, stale)
-        return final, writer.submit(final, data, self.item_id, stale_exts)
+        return final, writer.submit(final, data, self.item_id, stale_exts, self._folder)
 
     def _take_buffer(
         self, ext: str, stale: Iterable[str] | None
-    ) -> tuple[Path, bytes, tuple[str, ...]]:
+    ) -> tuple[str, bytes, tuple[str, ...]]:
         assert self._file is None
-        final = image_path(self.images_dir, self.item_id, ext)
+        final = image_path(self._folder, self.item_id, ext)
         data, self._buf = bytes(self._buf), bytearray()
         return final, data, EXTENSIONS if stale is None else tuple(stale)
 
@@ -427,8 +445,8 @@ class ImageSink:
             self.stat, self._digest = await asyncio.to_thread(
                 _commit_bytes, final, data, self.item_id, stale_exts
             )
-            return final
-        final = image_path(self.images_dir, self.item_id, ext)
+            return Path(final)
+        final = image_path(self._folder, self.item_id, ext)
         stale = EXTENSIONS if stale is None else tuple(stale)
         f, tmp = self._file, self._tmp
         assert tmp is not None
@@ -440,7 +458,7 @@ class ImageSink:
             await f.close()
         self.stat = await asyncio.to_thread(_place_spilled, tmp, final, self.item_id, stale)
         self._tmp = None
-        return final
+        return Path(final)
 
     def reset(self) -> None:
         """Start over for a retry (call ``discard`` first)."""

@@ -284,24 +284,10 @@ class SyncPass:
         self.progress.queued += 1
         if job.previous is None or job.previous.get("status") != "downloaded":
             # Not journaled: after a crash an item is pending or unknown alike (fetched again).
-            self.state.put(
-                job.item.item_id,
-                **image_fields(job.item, job.identity, job.url),
-                status="pending",
-                journal=False,
-            )
-        if self._queue.full():
-            # Back-pressure: wait for room, or for a stop (two tasks only when waiting).
-            put = asyncio.ensure_future(self._queue.put(job))
-            stop = asyncio.ensure_future(self._stop.wait())
-            try:
-                await asyncio.wait({put, stop}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
-                if not put.done():
-                    put.cancel()
-        else:
-            self._queue.put_nowait(job)
+            self.state.put(job.item.item_id, **job.base, status="pending", journal=False)
+        # Back-pressure: wait for room. A stop cancels the pager (this task), so a put
+        # waiting here needs no race against the stop event of its own.
+        await self._queue.put(job)
 
     def _error(self, item_id: str, reason: str, detail: str) -> None:
         self.stats.errors += 1
@@ -356,7 +342,8 @@ class SyncPass:
         # The same image with another size or mtime (or no file): the job hashes the file
         # and downloads again only if the bytes differ or it is gone.
         on_disk = self._on_disk.get(item_id, ())
-        await self._put(Job(item, url, identity, prev, verify_only=same, on_disk=on_disk))
+        base = image_fields(item, identity, url)
+        await self._put(Job(item, url, identity, prev, base, verify_only=same, on_disk=on_disk))
 
     async def _retry_unlisted(self) -> None:
         """Incremental passes list only modified items: retry our failed and pending ones too."""

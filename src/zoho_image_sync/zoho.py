@@ -85,13 +85,18 @@ class ZohoClient:
         self._timeouts: tuple[float, aiohttp.ClientTimeout] | None = None
         self._auth: tuple[str, dict[str, str]] = ("", {})
         self._counters: dict[tuple[str, int], Any] = {}
+        self._api_base: tuple[object, str | None, str] = (None, None, "")
 
     # -- URLs ----------------------------------------------------------------
 
     @property
     def api_base(self) -> str:
         """Inventory base URL (override, else the token's api_domain, else the DC)."""
-        return self.config.zoho.api_base(self.tokens.api_domain)
+        zoho, domain = self.config.zoho, self.tokens.api_domain
+        cached = self._api_base
+        if cached[0] is not zoho or cached[1] != domain:  # a reload or a new token's domain
+            cached = self._api_base = (zoho, domain, zoho.api_base(domain))
+        return cached[2]
 
     def image_url(self, item_id: str) -> str:
         """The Zoho image endpoint of an item, Inventory or Books per the config."""
