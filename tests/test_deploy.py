@@ -721,3 +721,23 @@ format = "json"
 
     # SIGTERM: the daemon drains and exits 0 (the unit's Restart=on-failure relies on it).
     assert daemon.stop() == 0, daemon.tail()
+
+
+def test_per_image_figures_reach_their_series_at_scrape_time_and_stay_bounded() -> None:
+    from zoho_image_sync.metrics import FLUSH_EVERY
+
+    m = Metrics()
+    sample = m.registry.get_sample_value  # collects, as a scrape does
+    for _ in range(3):
+        m.image_written(0.02, 1000)
+    assert sample("zoho_image_sync_images_downloaded_total") == 3
+    assert sample("zoho_image_sync_bytes_downloaded_total") == 3000
+    assert sample("zoho_image_sync_download_duration_seconds_count") == 3
+    assert sample("zoho_image_sync_download_duration_seconds_bucket", {"le": "0.025"}) == 3
+    assert sample("zoho_image_sync_download_duration_seconds_bucket", {"le": "0.01"}) == 0
+    # Nobody scrapes: the figures still move into the series every FLUSH_EVERY images,
+    # so what is held between scrapes stays bounded.
+    for _ in range(FLUSH_EVERY):
+        m.image_written(0.5, 1)
+    assert len(m._durations) == 0
+    assert m.images_downloaded._value.get() == 3 + FLUSH_EVERY

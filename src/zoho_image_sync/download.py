@@ -172,9 +172,7 @@ def _written(
     metrics: Metrics,
     t0: float,
 ) -> Outcome:
-    metrics.download_duration.observe(time.perf_counter() - t0)
-    metrics.images_downloaded.inc()
-    metrics.bytes_downloaded.inc(sink.size)
+    metrics.image_written(time.perf_counter() - t0, sink.size)
     written = sink.stat
     assert written is not None
     had_image = job.previous is not None and job.previous.get("path")
