@@ -381,3 +381,28 @@ async def test_gzipped_bodies_are_unpacked_and_a_gzip_bomb_stops_at_the_cap(
     assert {e["zoho_item_id"]: e["reason"] for e in report["errors"]} == {b: "too_large"}
     assert (cfg.storage.images_dir / f"{a}.jpg").read_bytes() == image
     assert not list(cfg.storage.images_dir.glob(f"{b}.*"))
+
+
+async def test_no_cookie_set_by_one_response_rides_on_a_later_request(
+    make_sim: SimFactory, make_config: Any, tmp_path: Path, http_server: HttpServer
+) -> None:
+    # Each item's request stands alone: a cookie a host sets is never sent back (not to
+    # that host for the next item, and not to Zoho). The client keeps no cookie jar.
+    sim = await make_sim(**SMALL)
+    ids = sim.item_ids_with_images()[:4]
+    seen: list[str | None] = []
+
+    async def image(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        resp = web.Response(body=sim.image_bytes(request.match_info["id"]) or b"")
+        resp.set_cookie("session", "abc123", path="/")
+        return resp
+
+    # A host name, not an IP: aiohttp's default jar ignores cookies from IP hosts.
+    base = (await http_server([web.get("/img/{id}", image)])).replace("127.0.0.1", "localhost")
+    url_map = tmp_path / "image_urls.json"
+    url_map.write_text(json.dumps({i: f"{base}/img/{i}" for i in ids}))
+    cfg = make_config(sim, source={"url_map": str(url_map)}, download={"workers": 1})
+    report, _ = await run_once(cfg)
+    assert report["status"] == "success"
+    assert seen == [None] * 4

@@ -230,7 +230,9 @@ class Service:
         hosts = HostGate(cfg.limits.per_host_requests_per_second, cfg.limits.per_host_concurrency)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
-            connector=connector, headers={"User-Agent": "zoho-image-sync"}
+            connector=connector,
+            headers={"User-Agent": "zoho-image-sync"},
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         # aiohttp silently resends an idempotent request once when a kept-alive connection
         # drops. Zoho counts that arrival, our gate would not: every send must pass the gate.
