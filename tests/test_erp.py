@@ -406,3 +406,36 @@ async def test_no_cookie_set_by_one_response_rides_on_a_later_request(
     report, _ = await run_once(cfg)
     assert report["status"] == "success"
     assert seen == [None] * 4
+
+
+async def test_a_cookie_set_on_a_redirect_rides_to_the_next_hop_of_that_download(
+    make_sim: SimFactory, make_config: Any, tmp_path: Path, http_server: HttpServer
+) -> None:
+    # A host that sets a cookie on its 302 and wants it on the target (a CDN's bot check):
+    # the redirect chain of one download keeps its cookies; the next item starts clean
+    # (each item's first request carries none).
+    sim = await make_sim(**SMALL)
+    ids = sim.item_ids_with_images()[:2]
+    first_hops: list[str | None] = []
+
+    async def start(request: web.Request) -> web.Response:
+        first_hops.append(request.headers.get("Cookie"))
+        resp = web.HTTPFound(f"/final/{request.match_info['id']}")
+        resp.set_cookie("ok", "1", path="/")
+        raise resp
+
+    async def final(request: web.Request) -> web.Response:
+        if request.cookies.get("ok") != "1":
+            raise web.HTTPFound(f"/img/{request.match_info['id']}")
+        return web.Response(body=sim.image_bytes(request.match_info["id"]) or b"")
+
+    routes = [web.get("/img/{id}", start), web.get("/final/{id}", final)]
+    base = (await http_server(routes)).replace("127.0.0.1", "localhost")
+    url_map = tmp_path / "image_urls.json"
+    url_map.write_text(json.dumps({i: f"{base}/img/{i}" for i in ids}))
+    cfg = make_config(sim, source={"url_map": str(url_map)}, download={"workers": 1})
+    report, _ = await run_once(cfg)
+    assert report["errors"] == []
+    assert first_hops == [None, None]
+    for i in ids:
+        assert (cfg.storage.images_dir / f"{i}.jpg").read_bytes() == sim.image_bytes(i)

@@ -349,3 +349,43 @@ async def test_a_journal_write_failure_is_logged_and_the_save_still_has_everythi
     state.journal_path.rmdir()
     await state.save()
     assert State.read(tmp_path / "state.json").items["A1"]["sha256"] == "00"
+
+
+async def test_journal_warnings_name_no_item_and_a_torn_write_does_not_swallow_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import structlog
+    from structlog.testing import capture_logs
+
+    from zoho_image_sync.state import State
+
+    state = State(tmp_path / "state.json")
+    state.journaling = True
+    real_write = os.write
+    fail = [True]
+
+    def torn_write(fd: int, data: Any) -> int:
+        if fail[0]:
+            fail[0] = False
+            real_write(fd, bytes(data)[:10])  # part of the line reaches the file...
+            raise OSError(28, "No space left on device")  # ...then the disk is full
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", torn_write)
+
+    async def worker() -> None:
+        # A worker's context carries its item id; the flush of the whole turn must not.
+        structlog.contextvars.bind_contextvars(item_id="A")
+        state.put("A", status="downloaded", path="/x/A.jpg", sha256="00")
+
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        await asyncio.create_task(worker())
+        await asyncio.sleep(0)
+    assert [e["event"] for e in logs] == ["could not append to the state journal"]
+    assert "item_id" not in logs[0]
+    state.put("B", status="no_image")
+    await asyncio.sleep(0)
+    state.close()
+    again = State.read(tmp_path / "state.json")
+    assert again.items["B"]["status"] == "no_image"  # the torn line did not eat it
+    assert "A" not in again.items  # its line was torn: the next save writes it

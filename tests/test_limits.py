@@ -162,3 +162,28 @@ async def test_rolling_window_fast_path_still_counts_and_blocks() -> None:
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.2):
             await rw.acquire()  # the fourth waits for the window, fast path or not
+
+
+async def test_a_caller_queued_for_the_window_is_not_overtaken_by_a_newcomer() -> None:
+    now = [0.0]
+    rw = RollingWindow(2, window=10, margin=0, clock=lambda: now[0])
+    await rw.acquire()  # one place left
+    await rw._lock.acquire()  # a caller in the locked path (say, waiting out a 429)
+    got: list[str] = []
+
+    async def queued() -> None:
+        await rw.acquire()
+        got.append("queued")
+
+    q = asyncio.create_task(queued())  # arrived first: waits for the lock
+    await asyncio.sleep(0)
+    rw._lock.release()  # the holder is done: `queued` is woken but has not run yet
+    newcomer = rw.acquire()  # a newcomer running in that gap (the same loop turn)
+    try:
+        newcomer.send(None)  # it must queue (suspend), not take the place at once
+    except StopIteration:
+        got.append("newcomer admitted at once")
+    newcomer.close()
+    async with asyncio.timeout(2):
+        await q
+    assert got == ["queued"]  # ...and the caller who came first got the last place

@@ -230,3 +230,22 @@ async def test_a_pass_that_raises_still_saves_the_budget_and_window(
     assert meta["budget"]["spent"] == total
     window = json.loads((cfg.storage.state_file.parent / "ratewindow.json").read_bytes())
     assert len(window) == total
+
+
+def test_catalogue_items_read_as_before_for_odd_ids_and_nulls() -> None:
+    from zoho_image_sync.pager import CatalogueItem
+
+    class Sub(str):
+        pass
+
+    item = CatalogueItem.from_zoho
+    assert item({"item_id": Sub("123")}).item_id == "123"
+    assert item({"item_id": 42, "name": 7}).item_id == "42"
+    assert item({"item_id": True}).item_id == ""  # a bool is not an id
+    # An explicit null stays null: no fallback to the ERP export's field names.
+    assert item({"item_id": None, "zoho_item_id": "9"}).item_id == ""
+    assert item({"zoho_item_id": "9"}).item_id == "9"
+    got = item({"item_id": "1", "name": None, "name_en": "N", "sku": None, "code": "C"})
+    assert (got.name, got.sku) == ("", "")
+    got = item({"item_id": "1", "name_en": "N", "code": "C", "image_name": 5})
+    assert (got.name, got.sku, got.image_name) == ("N", "C", "5")

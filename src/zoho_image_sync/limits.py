@@ -51,6 +51,7 @@ class RollingWindow:
         self._lock = asyncio.Lock()
         self._blocked_until = 0.0
         self._changed = asyncio.Event()
+        self._waiting = 0  # callers in the locked path (holding or queued on the lock)
 
     def set_limit(self, limit: int) -> None:
         """Change the limit live (SIGHUP); the window history is kept, a waiter re-checks."""
@@ -84,7 +85,7 @@ class RollingWindow:
 
         Set ``cell[0]`` to the arrival time of the response once known (``ApiGate`` does).
         """
-        if not self._lock.locked():
+        if not self._waiting:
             # The common case, without a lock round: room in the window, nothing blocked.
             now = self.clock()
             self._expire(now)
@@ -92,6 +93,13 @@ class RollingWindow:
                 cell = [now]
                 self._sent.append(cell)
                 return cell
+        self._waiting += 1
+        try:
+            return await self._acquire_locked()
+        finally:
+            self._waiting -= 1
+
+    async def _acquire_locked(self) -> list[float]:
         async with self._lock:
             while True:
                 now = self.clock()
@@ -220,8 +228,8 @@ class DailyBudget:
         self._reset_hour = hour
         self._day_span = (0.0, 0.0)  # recomputed by the next _roll
 
-    def _today(self) -> str:
-        shifted = self.wall() - self.reset_hour * 3600
+    def _today(self, now: float | None = None) -> str:
+        shifted = (self.wall() if now is None else now) - self.reset_hour * 3600
         return dt.datetime.fromtimestamp(shifted, dt.UTC).date().isoformat()
 
     def _roll(self) -> None:
@@ -230,7 +238,7 @@ class DailyBudget:
         if not start <= now < end:
             # Once per budget day (or clock jump), not per request: date formatting showed
             # in the per-image profile.
-            today = self._today()
+            today = self._today(now)
             if today != self.day:
                 self.day, self.spent = today, 0
             end = next_utc_midnight(now, self.reset_hour)

@@ -152,7 +152,11 @@ class Metrics:
             self.flush()
 
     def flush(self) -> None:
-        """Move the per-image figures kept since the last flush into their series."""
+        """Move the per-image figures kept since the last flush into their series.
+
+        Called on the event loop's thread only (the /metrics handler runs there), as is
+        ``image_written``: the plain numbers need no lock.
+        """
         if self._written:
             written, self._written = self._written, 0
             self.images_downloaded.inc(written)

@@ -20,6 +20,7 @@ from .zoho import ZohoClient
 log = structlog.get_logger(__name__)
 
 PER_PAGE: Final = 200
+_MISSING: Final = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,18 +40,18 @@ class CatalogueItem:
     def from_zoho(cls, raw: Mapping[str, Any]) -> CatalogueItem:
         """From an item of the Inventory items list (or the ERP's export shape)."""
         get = raw.get
-        item_id = get("item_id")
-        if item_id is None:
+        item_id = get("item_id", _MISSING)
+        if item_id is _MISSING:
             item_id = get("zoho_item_id")
         if type(item_id) is not str:
-            if isinstance(item_id, bool) or not isinstance(item_id, int):
+            if isinstance(item_id, bool) or not isinstance(item_id, str | int):
                 item_id = ""  # missing, null, or not an id at all: refused as bad_item_id
             item_id = str(item_id)
-        name = get("name")
-        if name is None:
+        name = get("name", _MISSING)
+        if name is _MISSING:
             name = get("name_en")
-        sku = get("sku")
-        if sku is None:
+        sku = get("sku", _MISSING)
+        if sku is _MISSING:
             sku = get("code")
         image_name, image_type = get("image_name"), get("image_type")
         doc_id, image_url = get("image_document_id"), get("image_url")

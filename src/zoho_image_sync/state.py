@@ -4,8 +4,9 @@ Entries are treated as immutable: an update replaces the item's dict, so a save
 only needs a shallow copy of ``items`` on the event loop and encodes it in a thread.
 
 Between saves every change is appended to a journal (``state.json.journal``, one JSON
-line per change, an O_APPEND write per line) so a crash loses at most the downloads in
-flight, not the last few seconds of work. A save rotates the journal to ``.journal.1``
+line per change; on the event loop the lines of one loop turn go out in one O_APPEND
+write at the end of the turn) so a crash loses at most the downloads in flight, not the
+last few seconds of work. A save rotates the journal to ``.journal.1``
 before snapshotting and deletes it once the snapshot is on disk; loading replays
 ``.journal.1`` then ``.journal`` over the snapshot (replays are idempotent), ignoring a
 torn last line.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import os
 import sys
@@ -51,7 +53,8 @@ class State:
         self.recovered_from: Path | None = None
         self._save_lock = asyncio.Lock()
         self._journal_fd: int | None = None
-        self._pending: list[bytes] = []
+        self._pending: list[bytes] = []  # journal lines of this loop turn (see _append)
+        self._torn = False
         self.journaling = False
         # Called on the event loop right before each snapshot (e.g. to store the budget).
         # Called on the loop before each save: it may update ``meta`` and return side files
@@ -82,19 +85,26 @@ class State:
         # On the loop, the lines of one loop turn (a writer batch's worth of images) go
         # out in one write at the end of the turn, not one syscall per image.
         self._pending.append(line)
-        loop.call_soon(self.flush_journal)
+        loop.call_soon(self.flush_journal, context=contextvars.Context())
 
     def flush_journal(self) -> None:
         """Write the journal lines buffered in this loop turn."""
         if not self._pending:
             return
         lines, self._pending = self._pending, []
+        if self._torn:
+            # The last write failed part-way: start on a fresh line, so the torn one is
+            # skipped on replay and does not swallow the first line of this write.
+            lines.insert(0, b"\n")
         try:
             self._write_journal(b"".join(lines))
         except OSError as exc:
             # The entries are in memory and the next save writes them; only the crash net
             # for the time until then is gone.
+            self._torn = True
             log.warning("could not append to the state journal", error=str(exc))
+        else:
+            self._torn = False
 
     def _write_journal(self, data: bytes) -> None:
         if self._journal_fd is None:

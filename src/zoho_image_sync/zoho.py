@@ -18,6 +18,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 import structlog
+import yarl
 
 from .auth import TokenManager
 from .config import Config
@@ -394,13 +395,21 @@ class ZohoClient:
 
     async def _external_once(self, url: str, sink: ImageSink) -> ImageResult:
         current = url
+        # Cookies live for this one fetch (a redirect chain), never across items.
+        jar = aiohttp.CookieJar(unsafe=True)
         for _ in range(MAX_REDIRECTS + 1):
             if urlsplit(current).scheme not in ("http", "https"):
                 raise ItemError("bad_url", f"only http and https are fetched: {current[:200]}")
             async with (
                 self.hosts.request(current),
-                self.session.get(current, timeout=self._timeout(), allow_redirects=False) as resp,
+                self.session.get(
+                    current,
+                    timeout=self._timeout(),
+                    allow_redirects=False,
+                    cookies=jar.filter_cookies(yarl.URL(current)) or None,
+                ) as resp,
             ):
+                jar.update_cookies(resp.cookies, resp.url)
                 self.metrics.external_requests.labels(str(resp.status)).inc()
                 if resp.status in (301, 302, 303, 307, 308):
                     location = resp.headers.get("Location")
