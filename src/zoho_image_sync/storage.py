@@ -356,6 +356,21 @@ class ImageSink:
     that, so memory stays bounded at workers x spill_bytes whatever the image size.
     """
 
+    __slots__ = (
+        "_buf",
+        "_digest",
+        "_file",
+        "_folder",
+        "_hash",
+        "_head",
+        "_tmp",
+        "images_dir",
+        "item_id",
+        "size",
+        "spill_bytes",
+        "stat",
+    )
+
     def __init__(
         self,
         images_dir: Path,

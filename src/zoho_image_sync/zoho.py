@@ -45,12 +45,11 @@ MAX_429_RETRIES: Final = 20
 MAX_PAGE_BYTES: Final = 16 * 1024 * 1024
 
 
-@dataclass
+@dataclass(slots=True)
 class ImageResult:
     """What a successful image fetch wrote into its sink."""
 
-    ext: str
-    content_type: str
+    ext: str  # from the bytes' magic number, never from the Content-Type
 
 
 def books_base(api_base: str) -> str:
@@ -208,7 +207,7 @@ class ZohoClient:
                     if not helped:
                         self._raise_refused(endpoint)
                 token = await self.tokens.token()
-                if self._is_refused(endpoint, token):
+                if self._refused and self._is_refused(endpoint, token):
                     self._raise_refused(endpoint)
                 headers = self._headers(token)
                 try:
@@ -328,13 +327,13 @@ class ZohoClient:
         return await self._stream_body(resp, sink)
 
     async def _stream_body(self, resp: aiohttp.ClientResponse, sink: ImageSink) -> ImageResult:
-        ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
         limit = self.config.download.max_image_bytes
         length = resp.content_length
         if length is not None and length > limit:
             raise ItemError("too_large", f"Content-Length {length} > max_image_bytes {limit}")
-        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
-        if length is not None and 0 < length <= sink.spill_bytes and encoding == "identity":
+        encoding = resp.headers.get("Content-Encoding")
+        identity = encoding is None or encoding.strip().lower() == "identity"
+        if length is not None and 0 < length <= sink.spill_bytes and identity:
             # The common case (a 30-300 KB image with a Content-Length): one read, no
             # per-chunk loop. aiohttp stops at Content-Length and raises on a short body.
             # Not for a compressed body: Content-Length is then the packed size, and only
@@ -344,9 +343,9 @@ class ZohoClient:
                 raise aiohttp.ClientPayloadError(f"{len(body)} of {length} bytes")
             ext = sniff_image(body[:MAGIC_PREFIX_BYTES])
             if ext is None:
-                raise _not_an_image(body[:4096], ctype)
+                raise _not_an_image(body[:4096], resp)
             sink.take(body)
-            return ImageResult(ext=ext, content_type=ctype)
+            return ImageResult(ext)
         checked = False
         async for chunk in resp.content.iter_chunked(CHUNK):
             if sink.size + len(chunk) > limit:
@@ -357,14 +356,14 @@ class ZohoClient:
                 if sniff_image(head) is None:
                     # The bytes decide, never the Content-Type; a JSON or HTML body is an
                     # error page, maybe Zoho's "Attachment not found".
-                    raise _not_an_image(head + chunk[MAGIC_PREFIX_BYTES:4096], ctype)
+                    raise _not_an_image(head + chunk[MAGIC_PREFIX_BYTES:4096], resp)
             await sink.write(chunk)
         if sink.size == 0:
             raise ItemError("empty_body", "HTTP 200 with an empty body")
         ext = sniff_image(sink.head)
         if ext is None:
-            raise _not_an_image(sink.head, ctype)
-        return ImageResult(ext=ext, content_type=ctype)
+            raise _not_an_image(sink.head, resp)
+        return ImageResult(ext)
 
     async def _external_image(self, url: str, sink: ImageSink) -> ImageResult:
         attempts = 0
@@ -430,7 +429,8 @@ class ZohoClient:
         raise ItemError("bad_url", f"more than {MAX_REDIRECTS} redirects from {url[:200]}")
 
 
-def _not_an_image(head: bytes, ctype: str) -> ItemError:
+def _not_an_image(head: bytes, resp: aiohttp.ClientResponse) -> ItemError:
+    ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
     text = head[:4096].decode("utf-8", "replace")
     if "attachment not found" in text.lower():
         return ItemError("image_not_found", f"HTTP 200 ({ctype}): {text[:200]}")
