@@ -91,7 +91,7 @@ async def test_sink_spills_large_bodies_and_commits(tmp_path: Path) -> None:
         await sink.write(data[i : i + 700])
     assert any(p.name.startswith(TMP_PREFIX) for p in tmp_path.iterdir())
     (tmp_path / "42.png").write_bytes(b"old image of another type")
-    final = await sink.commit("jpg")
+    final = Path(await sink.commit("jpg"))
     assert final == tmp_path / "42.jpg"
     assert final.read_bytes() == data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["42.jpg"]
@@ -111,7 +111,7 @@ async def test_small_and_spilled_images_get_the_same_mode(tmp_path: Path) -> Non
         for name, size in (("small", 500), ("large", 5000)):
             sink = ImageSink(tmp_path, name, spill_bytes=1000)
             await sink.write(b"\xff\xd8\xff" + os.urandom(size))
-            final = await sink.commit("jpg")
+            final = Path(await sink.commit("jpg"))
             modes.append(final.stat().st_mode & 0o777)
     finally:
         os.umask(old)

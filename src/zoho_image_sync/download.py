@@ -108,27 +108,22 @@ async def run_job(
             return Outcome("unchanged", {**base, "mtime_ns": st.st_mtime_ns})
     sink = ImageSink(images_dir, item.item_id)
     t0 = time.perf_counter()
-    metrics.in_flight += 1
-    handed = False
     try:
         try:
             result = await client.fetch_image(job.url, sink)
             stale = [e for e in job.on_disk if e != result.ext]
             if writer is not None and sink.in_memory:
                 path, future = sink.hand_over(writer, result.ext, stale)
-                handed = True
 
                 def finish() -> Outcome:
                     try:
                         sink.committed(future.result())
                     except OSError as exc:
                         return _write_failed(exc, job, base, images_dir, metrics)
-                    finally:
-                        metrics.in_flight -= 1
                     return _written(job, base, sink, path, result.ext, metrics, t0)
 
                 return Handoff(future, finish)
-            path = str(await sink.commit(result.ext, stale))
+            path = await sink.commit(result.ext, stale)
         except OSError as exc:
             await sink.discard()
             return _write_failed(exc, job, base, images_dir, metrics)
@@ -138,9 +133,6 @@ async def run_job(
     except BaseException:
         await sink.discard()
         raise
-    finally:
-        if not handed:
-            metrics.in_flight -= 1
     return _written(job, base, sink, path, result.ext, metrics, t0)
 
 

@@ -39,9 +39,8 @@ class Metrics:
         # scraped (or every FLUSH_EVERY images): a Counter.inc or Histogram.observe takes
         # a lock and several calls, three of them per image showed in the profile. The
         # flusher is registered first, so a scrape sees every image written before it.
-        self._written = 0
         self._written_bytes = 0
-        self._durations: list[float] = []
+        self._durations: list[float] = []  # one per image written since the last flush
         r.register(_Flush(self))
         self.images_downloaded = Counter(
             P + "images_downloaded", "Images written to disk (new or updated).", registry=r
@@ -129,10 +128,11 @@ class Metrics:
             registry=r,
         )
         self.config_reload_ok.set(1)
-        # Read at scrape time, not pushed per image (each Gauge.set takes a lock).
-        self.in_flight = 0
-        self.queue_length: Callable[[], int] = int  # the running pass's queue, else 0
-        self.downloads_in_flight.set_function(lambda: self.in_flight)
+        # Read at scrape time from the running pass (0 between passes), not pushed per
+        # image (each Gauge.set takes a lock).
+        self.in_flight: Callable[[], int] = int
+        self.queue_length: Callable[[], int] = int
+        self.downloads_in_flight.set_function(lambda: self.in_flight())
         self.queue_depth.set_function(lambda: self.queue_length())
         for reason in REASONS:
             self.image_failures.labels(reason)
@@ -145,7 +145,6 @@ class Metrics:
 
     def image_written(self, seconds: float, size: int) -> None:
         """One image is on disk: images_downloaded, bytes_downloaded, download_duration."""
-        self._written += 1
         self._written_bytes += size
         self._durations.append(seconds)
         if len(self._durations) >= FLUSH_EVERY:  # bounded, even with nobody scraping
@@ -157,13 +156,12 @@ class Metrics:
         Called on the event loop's thread only (the /metrics handler runs there), as is
         ``image_written``: the plain numbers need no lock.
         """
-        if self._written:
-            written, self._written = self._written, 0
-            self.images_downloaded.inc(written)
+        durations, self._durations = self._durations, []
+        if durations:
+            self.images_downloaded.inc(len(durations))
         if self._written_bytes:
             size, self._written_bytes = self._written_bytes, 0
             self.bytes_downloaded.inc(size)
-        durations, self._durations = self._durations, []
         for seconds in durations:
             self.download_duration.observe(seconds)
 

@@ -56,7 +56,6 @@ class State:
         self._pending: list[bytes] = []  # journal lines of this loop turn (see _append)
         self._torn = False
         self.journaling = False
-        # Called on the event loop right before each snapshot (e.g. to store the budget).
         # Called on the loop before each save: it may update ``meta`` and return side files
         # ({path: bytes}) to write atomically in the same thread hop as the snapshot.
         self.before_save: Callable[[], dict[Path, bytes]] = dict

@@ -450,7 +450,7 @@ class ImageSink:
         """Take the stat and sha256 of a handed-over body once the writer has it durable."""
         self.stat, self._digest = done
 
-    async def commit(self, ext: str, stale: Iterable[str] | None = None) -> Path:
+    async def commit(self, ext: str, stale: Iterable[str] | None = None) -> str:
         """Flush, fsync and rename into ``{images_dir}/{item_id}.{ext}``; fsync the folder.
 
         ``stale``: the extensions this item may have on disk besides ``ext`` (None: any).
@@ -460,7 +460,7 @@ class ImageSink:
             self.stat, self._digest = await asyncio.to_thread(
                 _commit_bytes, final, data, self.item_id, stale_exts
             )
-            return Path(final)
+            return final
         final = image_path(self._folder, self.item_id, ext)
         stale = EXTENSIONS if stale is None else tuple(stale)
         f, tmp = self._file, self._tmp
@@ -473,7 +473,7 @@ class ImageSink:
             await f.close()
         self.stat = await asyncio.to_thread(_place_spilled, tmp, final, self.item_id, stale)
         self._tmp = None
-        return Path(final)
+        return final
 
     def reset(self) -> None:
         """Start over for a retry (call ``discard`` first)."""

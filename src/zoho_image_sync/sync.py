@@ -182,6 +182,7 @@ class SyncPass:
         self._on_disk = await asyncio.to_thread(_scan_images, self.images_dir)
         self._writer.start()
         self.metrics.queue_length = self._queue.qsize
+        self.metrics.in_flight = lambda: self.progress.in_flight
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -210,7 +211,7 @@ class SyncPass:
                 log.warning("writes still pending at the deadline; they finish in the background")
             self._reported = True
             self.metrics.pass_in_progress.set(0)
-            self.metrics.queue_length = int
+            self.metrics.queue_length = self.metrics.in_flight = int
         self.stats.api_requests = self.client.requests_sent - requests_before
         if self.complete and self.full_scan:
             self._forget_unlisted()
