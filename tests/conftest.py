@@ -8,7 +8,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -16,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from daemon_harness import Daemon, free_port
+from zoho_image_sync import storage
 from zoho_image_sync.config import Config
 from zoho_image_sync.service import Service
 from zoho_image_sync.simulator import DEMO_CREDS_ENV, SimConfig, Simulator
@@ -209,3 +211,28 @@ def assert_folder_matches_state(images_dir: Path, state_file: Path) -> dict[str,
         assert Path(entry["path"]) == images_dir / name, entry["path"]
         assert hashlib.sha256(files[name].read_bytes()).hexdigest() == entry["sha256"], name
     return doc
+
+
+class StuckDisk:
+    """The image writer hangs in every write until ``release`` is set (``entered``: it
+    reached the first one)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+
+@pytest.fixture
+def stuck_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[StuckDisk]:
+    """A disk that does not move until the test says so; released at teardown."""
+    disk = StuckDisk()
+    real = storage._commit_bytes
+
+    def held(*args: Any) -> Any:
+        disk.entered.set()
+        disk.release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(storage, "_commit_bytes", held)
+    yield disk
+    disk.release.set()

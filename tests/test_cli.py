@@ -23,6 +23,7 @@ from conftest import (
     start_once,
     write_toml,
 )
+from zoho_image_sync.simulator import Simulator
 
 
 def test_demo_runs_with_no_credentials(tmp_path: Path) -> None:
@@ -148,20 +149,31 @@ async def test_sigterm_during_once_exits_75_interrupted(
     assert names == sorted(Path(e["path"]).name for e in done)
 
 
-async def test_second_sigint_forces_exit(make_sim: SimFactory, tmp_path: Path) -> None:
+async def _stopping_once(
+    make_sim: SimFactory, tmp_path: Path, first: signal.Signals, shutdown_timeout: float
+) -> tuple[asyncio.subprocess.Process, Simulator]:
+    """``once`` with two downloads held by the simulator, sent ``first``: returns once the
+    child has logged the stop (the drain has begun)."""
     sim = await make_sim(**SMALL)
     sim.add_fault("slow", None, delay=30)
     doc = config_doc(
-        sim, download={"workers": 2, "timeout_seconds": 60}, sync={"shutdown_timeout_seconds": 60}
+        sim,
+        download={"workers": 2, "timeout_seconds": 60},
+        sync={"shutdown_timeout_seconds": shutdown_timeout},
     )
     cfg = write_toml(tmp_path / "config.toml", doc)
     proc = await start_once(cfg, stdout=PIPE, stderr=PIPE)
     await sim.wait_in_flight(2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(first)
     assert proc.stderr is not None
     async with asyncio.timeout(10):
         while b"stop requested" not in (line := await proc.stderr.readline()):
             assert line, "child exited early"
+    return proc, sim
+
+
+async def test_second_sigint_forces_exit(make_sim: SimFactory, tmp_path: Path) -> None:
+    proc, _ = await _stopping_once(make_sim, tmp_path, signal.SIGINT, shutdown_timeout=60)
     proc.send_signal(signal.SIGINT)
     async with asyncio.timeout(10):
         await proc.communicate()
@@ -205,19 +217,7 @@ def test_status_before_any_pass(tmp_path: Path) -> None:
 
 async def test_sigterm_then_one_sigint_still_drains(make_sim: SimFactory, tmp_path: Path) -> None:
     # systemd's SIGTERM, then an operator's single Ctrl-C: a clean stop, not a forced exit.
-    sim = await make_sim(**SMALL)
-    sim.add_fault("slow", None, delay=30)
-    doc = config_doc(
-        sim, download={"workers": 2, "timeout_seconds": 60}, sync={"shutdown_timeout_seconds": 1}
-    )
-    cfg = write_toml(tmp_path / "config.toml", doc)
-    proc = await start_once(cfg, stdout=PIPE, stderr=PIPE)
-    await sim.wait_in_flight(2)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.stderr is not None
-    async with asyncio.timeout(10):
-        while b"stop requested" not in (line := await proc.stderr.readline()):
-            assert line, "child exited early"
+    proc, sim = await _stopping_once(make_sim, tmp_path, signal.SIGTERM, shutdown_timeout=1)
     proc.send_signal(signal.SIGINT)
     async with asyncio.timeout(20):
         out, _ = await proc.communicate()

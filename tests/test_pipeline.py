@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import SMALL, SimFactory, assert_mirror, run_once
-from zoho_image_sync import storage
+from conftest import SMALL, SimFactory, StuckDisk, assert_mirror, run_once
 from zoho_image_sync.service import Service
 from zoho_image_sync.simulator import Simulator
 from zoho_image_sync.storage import sniff_image
@@ -240,20 +238,12 @@ async def test_a_no_change_pass_rewrites_no_state_entry(
 
 
 async def test_a_slow_disk_holds_the_workers_at_two_images_each(
-    make_sim: SimFactory, make_config: Any, monkeypatch: pytest.MonkeyPatch
+    make_sim: SimFactory, make_config: Any, stuck_disk: StuckDisk
 ) -> None:
     # The writer thread is stuck on the first image: each of the 2 workers may hand over
     # two bodies, then waits. No more images are fetched into memory until the disk moves.
     sim: Simulator = await make_sim(**SMALL)
     cfg = make_config(sim, download={"workers": 2})
-    gate = threading.Event()
-    real = storage._commit_bytes
-
-    def stuck_disk(*args: Any) -> Any:
-        gate.wait(30)
-        return real(*args)
-
-    monkeypatch.setattr(storage, "_commit_bytes", stuck_disk)
     service = Service(cfg)
     task = asyncio.ensure_future(service.once())
     try:
@@ -266,7 +256,7 @@ async def test_a_slow_disk_holds_the_workers_at_two_images_each(
         assert "\nzoho_image_sync_downloads_in_flight 4.0\n" in text
         assert "\nzoho_image_sync_queue_depth 16.0\n" in text
     finally:
-        gate.set()
+        stuck_disk.release.set()
     report, code = await task
     text = service.metrics.exposition().decode()
     assert "\nzoho_image_sync_downloads_in_flight 0.0\n" in text

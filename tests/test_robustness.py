@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -13,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import SMALL, SimFactory, assert_mirror, run_once
-from zoho_image_sync import storage
+from conftest import SMALL, SimFactory, StuckDisk, assert_mirror, run_once
 from zoho_image_sync.pager import zoho_pages
 from zoho_image_sync.service import Service
 from zoho_image_sync.sync import SyncPass
@@ -177,25 +175,16 @@ async def test_an_item_gone_from_zoho_is_removed_after_two_full_scans(
 
 
 async def test_a_stuck_disk_does_not_hold_a_stop_past_its_deadline(
-    make_sim: SimFactory, make_config: Any, monkeypatch: pytest.MonkeyPatch
+    make_sim: SimFactory, make_config: Any, stuck_disk: StuckDisk
 ) -> None:
     # The writer thread hangs on its first image; a stop must still end the pass within the
     # drain deadline (the late writes finish in the background).
     sim = await make_sim(**SMALL)
     cfg = make_config(sim, download={"workers": 2}, sync={"shutdown_timeout_seconds": 0.5})
-    gate, entered = threading.Event(), threading.Event()
-    real = storage._commit_bytes
-
-    def stuck_disk(*args: Any) -> Any:
-        entered.set()
-        gate.wait(30)
-        return real(*args)
-
-    monkeypatch.setattr(storage, "_commit_bytes", stuck_disk)
     service = Service(cfg)
     task = asyncio.create_task(service.once())
     try:
-        assert await asyncio.to_thread(entered.wait, 10)
+        assert await asyncio.to_thread(stuck_disk.entered.wait, 10)
         await sim.wait_api_requests(1 + 4)  # both workers hold two images each
         t0 = time.monotonic()
         service.handle_term()
@@ -204,7 +193,7 @@ async def test_a_stuck_disk_does_not_hold_a_stop_past_its_deadline(
         assert code == 75 and report["status"] == "interrupted"
         assert report["statistics"]["images_downloaded"] == 0
     finally:
-        gate.set()
+        stuck_disk.release.set()
 
 
 async def test_a_pass_that_raises_still_saves_the_budget_and_window(

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import StuckDisk
 from zoho_image_sync import storage
 from zoho_image_sync.storage import (
     ITEM_ID_RE,
@@ -123,24 +122,17 @@ def _jpeg(n: int) -> bytes:
 
 
 async def test_writer_group_commits_one_folder_fsync_per_batch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stuck_disk: StuckDisk
 ) -> None:
     # The first write is held until 39 more are queued: they must go out as one batch,
     # with one folder fsync and one loop wake-up, and every file exact.
-    gate, entered = threading.Event(), threading.Event()
-    real_commit, real_fsync = storage._commit_bytes, storage.fsync_dir
+    real_fsync = storage.fsync_dir
     fsyncs: list[Path] = []  # the writer passes folder names as strings
-
-    def held_commit(*args: Any) -> Any:
-        entered.set()
-        gate.wait(10)
-        return real_commit(*args)
 
     def counted_fsync(folder: Path | str) -> None:
         fsyncs.append(Path(folder))
         real_fsync(folder)
 
-    monkeypatch.setattr(storage, "_commit_bytes", held_commit)
     monkeypatch.setattr(storage, "fsync_dir", counted_fsync)
     (tmp_path / "3.png").write_bytes(b"stale image of another type")
     writer = ImageWriter()
@@ -148,9 +140,9 @@ async def test_writer_group_commits_one_folder_fsync_per_batch(
     bodies = {str(i): _jpeg(1000 + i) for i in range(40)}
     submit = [(tmp_path / f"{i}.jpg", body, i, ("png", "gif")) for i, body in bodies.items()]
     futures = [writer.submit(*submit[0])]
-    assert await asyncio.to_thread(entered.wait, 10)  # the thread holds the first write
+    assert await asyncio.to_thread(stuck_disk.entered.wait, 10)  # it holds the first write
     futures += [writer.submit(*args) for args in submit[1:]]
-    gate.set()
+    stuck_disk.release.set()
     results = await asyncio.gather(*futures)
     await writer.aclose()
     assert fsyncs == [tmp_path, tmp_path]  # batch of 1 (held), then the other 39 together
