@@ -234,5 +234,6 @@ def stuck_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[StuckDisk]:
         return real(*args)
 
     monkeypatch.setattr(storage, "_commit_bytes", held)
+    monkeypatch.setattr(storage, "WRITER_PROCESS", False)  # the patch reaches this process only
     yield disk
     disk.release.set()

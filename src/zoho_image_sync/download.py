@@ -17,7 +17,7 @@ from .errors import ItemError, StorageError
 from .logsetup import debug_enabled
 from .metrics import Metrics
 from .pager import CatalogueItem
-from .storage import Committed, ImageSink, ImageWriter, sha256_file
+from .storage import Committed, ImageSink, Writer, sha256_file
 from .zoho import ZohoClient
 
 log = structlog.get_logger(__name__)
@@ -91,7 +91,7 @@ async def run_job(
     client: ZohoClient,
     images_dir: Path,
     metrics: Metrics,
-    writer: ImageWriter | None = None,
+    writer: Writer | None = None,
 ) -> Outcome | Handoff:
     """Download (or verify) one image; never raises for a per-item failure.
 
@@ -165,8 +165,8 @@ def _written(
     t0: float,
 ) -> Outcome:
     metrics.image_written(time.perf_counter() - t0, sink.size)
-    written = sink.stat
-    assert written is not None
+    mtime_ns = sink.mtime_ns
+    assert mtime_ns is not None
     had_image = job.previous is not None and job.previous.get("path")
     fields = {
         **base,
@@ -175,7 +175,7 @@ def _written(
         "ext": ext,
         "sha256": sink.sha256(),
         "bytes": sink.size,
-        "mtime_ns": written.st_mtime_ns,
+        "mtime_ns": mtime_ns,
         "reason": None,
         "detail": None,
     }

@@ -7,25 +7,54 @@ power loss. Temporaries carry a recognisable prefix so a start can sweep them.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import functools
 import hashlib
 import itertools
+import json
+import mmap
 import os
 import queue
 import re
+import socket
+import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Protocol
 
 import aiofiles
 import aiofiles.os
+import structlog
 
-TMP_PREFIX: Final = ".zis-tmp-"
+from . import durable
+from .durable import (
+    EXTENSIONS,
+    TMP_PREFIX,
+    commit_bytes,
+    fsync_dir,
+    remove_item_images,
+    replace_durably,
+    unique,
+)
+
+__all__ = [
+    "EXTENSIONS",
+    "TMP_PREFIX",
+    "fsync_dir",
+    "remove_item_images",
+    "replace_durably",
+]
+
+log = structlog.get_logger(__name__)
+
+SPILL_BYTES: Final = 1 << 20  # an image body up to this size is held in memory
 ITEM_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
-EXTENSIONS: Final = ("jpg", "png", "gif", "webp", "bmp")
 MAGIC_PREFIX_BYTES: Final = 12
 
 
@@ -54,79 +83,15 @@ def image_path(images_dir: Path | str, item_id: str, ext: str) -> str:
     return f"{images_dir}{os.sep}{item_id}.{ext}"
 
 
-def fsync_dir(folder: Path | str) -> None:
-    """Make a rename or unlink in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_COUNTER = itertools.count()
-_PID = os.getpid()
-
-
-def _after_fork() -> None:
-    global _PID
-    _PID = os.getpid()
-
-
-os.register_at_fork(after_in_child=_after_fork)
-
-
-def _unique() -> str:
-    # pid + counter: unique among every writer on this host (O_EXCL refuses a clash anyway),
-    # and far cheaper than secrets.token_hex, which showed in the per-image profile. The pid
-    # is cached (13,000 getpid calls in a 5,000-image pass otherwise).
-    return f"{_PID}-{next(_COUNTER)}"
-
-
 def temp_name(folder: Path, stem: str) -> Path:
     """A fresh temporary path in ``folder`` that the start-up sweep will recognise."""
-    return folder / f"{TMP_PREFIX}{stem}-{_unique()}"
-
-
-def _replace_durably(
-    final: Path | str, data: bytes, mode: int, sync_folder: bool = True
-) -> os.stat_result:
-    """Temp file in the same folder, write, fsync, rename, fsync the folder.
-
-    Plain ``os`` calls on strings: at thousands of images a second pathlib's overhead showed
-    in the profile. The mode does not depend on the umask: the descriptor is fchmod-ed when
-    the umask took bits away. ``sync_folder=False`` leaves the folder fsync to the caller
-    (the image writer does one per batch).
-    """
-    folder, name = os.path.split(final)
-    tmp = f"{folder}{os.sep}{TMP_PREFIX}{name}-{_unique()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-            st = os.fstat(fd)
-            if st.st_mode & 0o7777 != mode:
-                os.fchmod(fd, mode)
-                st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if sync_folder:
-        fsync_dir(folder)
-    return st
+    return folder / f"{TMP_PREFIX}{stem}-{unique()}"
 
 
 def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` atomically and durably (blocking; call in a thread)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _replace_durably(path, data, mode)
+    replace_durably(path, data, mode)
 
 
 def sweep_temporaries(folder: Path) -> int:
@@ -161,42 +126,16 @@ def split_image_name(name: str) -> tuple[str, str] | None:
     return (item_id, ext) if dot and ext in EXTENSIONS else None
 
 
-def remove_item_images(
-    images_dir: Path | str,
-    item_id: str,
-    keep: Path | str | None = None,
-    exts: Iterable[str] = EXTENSIONS,
-) -> list[Path]:
-    """Delete this item's images (those with an extension in ``exts``) but ``keep``; blocking."""
-    removed = []
-    folder = str(images_dir)
-    keep_name = os.path.basename(keep) if keep is not None else None
-    for ext in exts:
-        name = f"{item_id}.{ext}"
-        if name == keep_name:
-            continue
-        # One unlink attempt per extension: cheaper than a stat and then an unlink.
-        try:
-            os.unlink(os.path.join(folder, name))
-        except FileNotFoundError:
-            continue
-        removed.append(Path(folder, name))
-    return removed
+Committed = tuple[int, str]  # the file's mtime_ns and its content's sha256
 
 
 def _commit_bytes(
     final: str, data: bytes, item_id: str, stale: Iterable[str], sync_folder: bool = True
-) -> tuple[os.stat_result, str]:
-    """Hash, write durably, drop the stale extensions (blocking).
-
-    The hash is taken here, off the event loop: chunk by chunk on the loop it showed in
-    the profile, and so did a second thread hop for the stat.
+) -> Committed:
+    """Hash, write durably, drop the stale extensions (blocking); off the event loop: the
+    hash chunk by chunk on the loop showed in the profile, and so did a thread hop per stat.
     """
-    digest = hashlib.sha256(data).hexdigest()
-    st = _replace_durably(final, data, 0o644, sync_folder)
-    if stale:
-        remove_item_images(os.path.dirname(final), item_id, final, stale)
-    return st, digest
+    return commit_bytes(final, data, item_id, stale, sync_folder)
 
 
 def _place_spilled(tmp: Path, final: str, item_id: str, stale: Iterable[str]) -> os.stat_result:
@@ -208,9 +147,6 @@ def _place_spilled(tmp: Path, final: str, item_id: str, stale: Iterable[str]) ->
     fsync_dir(folder)
     remove_item_images(folder, item_id, final, stale)
     return os.stat(final)
-
-
-Committed = tuple[os.stat_result, str]
 
 
 @dataclass(slots=True)
@@ -348,6 +284,281 @@ class ImageWriter:
                 return
 
 
+class Writer(Protocol):
+    """What a pass needs of an image writer (``ImageWriter``, ``ProcessImageWriter``)."""
+
+    def start(self) -> None: ...
+
+    def submit(
+        self,
+        final: Path | str,
+        data: bytes,
+        item_id: str,
+        stale: tuple[str, ...],
+        folder: str | None = None,
+    ) -> asyncio.Future[Committed]: ...
+
+    async def aclose(self, wait_at_most: float | None = None) -> bool: ...
+
+
+WRITER_PROCESS: bool = sys.platform == "linux" and hasattr(os, "memfd_create")
+"""Write images in a child process where the platform allows (tests turn it off)."""
+
+
+def new_image_writer() -> Writer:
+    """The image writer for a pass: a process where possible, else a thread."""
+    return ProcessImageWriter() if WRITER_PROCESS else ImageWriter()
+
+
+class _Slot:
+    """A shared memory buffer (memfd) that carries one body at a time to the process."""
+
+    __slots__ = ("fd", "index", "mm")
+
+    def __init__(self, index: int, size: int) -> None:
+        self.index = index
+        self.fd: int | None = os.memfd_create(f"zis-image-{index}")
+        try:
+            os.ftruncate(self.fd, size)  # sparse: only the pages a body touches take memory
+            self.mm = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.mm.close()
+
+
+@dataclass(slots=True)
+class _Sent:
+    slot: _Slot
+    length: int
+    final: str
+    item_id: str
+    stale: tuple[str, ...]
+    folder: str
+    future: asyncio.Future[Committed]
+
+
+class ProcessImageWriter:
+    """The image writer in a child process (``durable.py``): no GIL shared with the loop.
+
+    A worker's body is copied into a shared memory slot and a short request goes over a
+    socket; the process hashes, writes, fsyncs and renames each file, fsyncs each folder
+    once per batch, and answers once per batch; the loop reads the answers when the
+    socket is readable. A slot is reused only after its answer. Same contract as
+    ``ImageWriter``: a future resolves once the image's rename is durable.
+
+    Should the process die (the OOM killer, a bug), nothing is lost: the bodies it had
+    not answered for are still in their slots and go, with everything after, to an
+    ``ImageWriter`` thread in this process.
+    """
+
+    def __init__(self, slot_bytes: int = SPILL_BYTES) -> None:
+        self.slot_bytes = slot_bytes
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._head = struct.Struct(durable.REQUEST_HEAD)
+        self._ids = itertools.count()
+        self._slots: list[_Slot] = []
+        self._free: list[_Slot] = []
+        self._sent: dict[int, _Sent] = {}
+        self._answers = bytearray(durable.MAX_ANSWER)
+        self._gone: asyncio.Event | None = None
+        self._closing = False
+        self._fallback: ImageWriter | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The writer process's pid while it runs."""
+        return None if self._proc is None or self._sock is None else self._proc.pid
+
+    def start(self) -> None:
+        """Start the process (from the event loop that will await the commits)."""
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._gone = asyncio.Event()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            argv = [sys.executable, "-I", "-S", durable.__file__, str(theirs.fileno())]
+            self._proc = subprocess.Popen(
+                [*argv, str(os.getpid())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},  # no secrets
+            )
+        except (OSError, ValueError) as exc:  # no interpreter to run: write in this process
+            ours.close()
+            log.warning("image writer process did not start; writing in a thread", error=str(exc))
+            self._switch_to_thread()
+            return
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        self._loop.add_reader(ours.fileno(), self._on_answers)
+
+    def submit(
+        self,
+        final: Path | str,
+        data: bytes,
+        item_id: str,
+        stale: tuple[str, ...],
+        folder: str | None = None,
+    ) -> asyncio.Future[Committed]:
+        """Queue ``data`` for ``final``; the future gives its mtime and sha256 once durable."""
+        if self._loop is None:
+            raise RuntimeError("ProcessImageWriter.submit before start()")
+        final = os.fspath(final)
+        if folder is None:
+            folder = os.path.dirname(final)
+        if self._fallback is not None or len(data) > self.slot_bytes or self._closing:
+            return self._thread().submit(final, data, item_id, stale, folder)
+        future: asyncio.Future[Committed] = self._loop.create_future()
+        slot = self._free.pop() if self._free else self._new_slot()
+        length = len(data)
+        slot.mm[:length] = data
+        sent = _Sent(slot, length, final, item_id, stale, folder, future)
+        rid = next(self._ids)
+        self._sent[rid] = sent
+        packet = self._head.pack(rid, slot.index, length) + b"\0".join(
+            (os.fsencode(final), item_id.encode(), ",".join(stale).encode())
+        )
+        try:
+            assert self._sock is not None
+            if slot.fd is None:
+                self._sock.send(packet)
+            else:  # the slot's first request carries its memfd
+                fds = array.array("i", (slot.fd,))
+                self._sock.sendmsg([packet], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                os.close(slot.fd)  # the mapping stays; the process has its own descriptor
+                slot.fd = None
+        except OSError as exc:  # gone (its end seen later) or a full socket: write here
+            self._child_failed(f"request not sent: {exc}")
+        return future
+
+    def _new_slot(self) -> _Slot:
+        slot = _Slot(len(self._slots), self.slot_bytes)
+        self._slots.append(slot)
+        return slot
+
+    def _on_answers(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        while True:
+            try:
+                n = sock.recv_into(self._answers)
+            except BlockingIOError:
+                return
+            except OSError:
+                n = 0
+            if n == 0:
+                self._ended()
+                return
+            for answer in json.loads(self._answers[:n]):
+                self._deliver(answer)
+
+    def _deliver(self, answer: list[Any]) -> None:
+        sent = self._sent.pop(answer[0])
+        self._free.append(sent.slot)
+        future = sent.future
+        if future.done():  # the waiting worker was cancelled; the file is written anyway
+            return
+        if answer[1] is not None:
+            future.set_result((answer[1], answer[2]))
+        elif answer[2] is None:
+            future.set_exception(RuntimeError(f"image writer process: {answer[3]}"))
+        else:
+            future.set_exception(OSError(answer[2], answer[3], answer[4]))
+
+    def _ended(self) -> None:
+        """The socket reached its end: the process exited (or is about to)."""
+        assert self._loop is not None and self._sock is not None and self._gone is not None
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        self._sock = None
+        if self._sent:
+            self._child_failed("it exited with requests unanswered")
+        self._gone.set()
+
+    def _child_failed(self, why: str) -> None:
+        """Hand every unanswered body (still in its slot) to a thread; use it from now on."""
+        if self._fallback is None:
+            log.error("image writer process failed; writing in a thread", why=why)
+        if self._sock is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+            assert self._gone is not None
+            self._gone.set()
+        thread = self._thread()
+        sent, self._sent = self._sent, {}
+        for s in sent.values():
+            if s.future.done():
+                continue
+            again = thread.submit(
+                s.final, bytes(s.slot.mm[: s.length]), s.item_id, s.stale, s.folder
+            )
+            again.add_done_callback(functools.partial(_chain, s.future))
+
+    def _thread(self) -> ImageWriter:
+        if self._fallback is None:
+            self._switch_to_thread()
+        assert self._fallback is not None
+        return self._fallback
+
+    def _switch_to_thread(self) -> None:
+        self._fallback = ImageWriter()
+        self._fallback.start()
+
+    async def aclose(self, wait_at_most: float | None = None) -> bool:
+        """Finish everything sent, then let the process end; False if ``wait_at_most`` ran
+        out (it then goes on in the background, and its late answers are still delivered)."""
+        if self._loop is None or self._closing:
+            return True
+        self._closing = True
+        loop = self._loop
+        deadline = None if wait_at_most is None else loop.time() + wait_at_most
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_WR)  # it answers what it has, then exits
+        assert self._gone is not None
+        gone = asyncio.ensure_future(self._gone.wait())
+        done, _ = await asyncio.wait({gone}, timeout=wait_at_most)
+        if not done:
+            gone.cancel()
+            return False
+        if self._fallback is not None:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            if not await self._fallback.aclose(left):
+                return False
+        proc = self._proc
+        if proc is not None:
+            await asyncio.to_thread(proc.wait)  # its socket has closed: it is exiting
+        for slot in self._slots:
+            slot.close()
+        self._slots.clear()
+        self._free.clear()
+        return True
+
+
+def _chain(target: asyncio.Future[Committed], source: asyncio.Future[Committed]) -> None:
+    if target.done():
+        return
+    if source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())
+
+
 class ImageSink:
     """Receives one image's body chunk by chunk and commits it atomically.
 
@@ -366,16 +577,16 @@ class ImageSink:
         "_tmp",
         "images_dir",
         "item_id",
+        "mtime_ns",
         "size",
         "spill_bytes",
-        "stat",
     )
 
     def __init__(
         self,
         images_dir: Path,
         item_id: str,
-        spill_bytes: int = 1 << 20,
+        spill_bytes: int = SPILL_BYTES,
     ) -> None:
         self.images_dir = images_dir
         self._folder = str(images_dir)
@@ -388,7 +599,7 @@ class ImageSink:
         self._head = b""
         self._tmp: Path | None = None
         self._file: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None
-        self.stat: os.stat_result | None = None
+        self.mtime_ns: int | None = None  # the committed file's
 
     @property
     def head(self) -> bytes:
@@ -429,7 +640,7 @@ class ImageSink:
         return self._file is None
 
     def hand_over(
-        self, writer: ImageWriter, ext: str, stale: Iterable[str] | None = None
+        self, writer: Writer, ext: str, stale: Iterable[str] | None = None
     ) -> tuple[str, asyncio.Future[Committed]]:
         """Queue an in-memory body for ``writer`` and return at once (see ``commit``).
 
@@ -448,7 +659,7 @@ class ImageSink:
 
     def committed(self, done: Committed) -> None:
         """Take the stat and sha256 of a handed-over body once the writer has it durable."""
-        self.stat, self._digest = done
+        self.mtime_ns, self._digest = done
 
     async def commit(self, ext: str, stale: Iterable[str] | None = None) -> str:
         """Flush, fsync and rename into ``{images_dir}/{item_id}.{ext}``; fsync the folder.
@@ -457,7 +668,7 @@ class ImageSink:
         """
         if self._file is None:
             final, data, stale_exts = self._take_buffer(ext, stale)
-            self.stat, self._digest = await asyncio.to_thread(
+            self.mtime_ns, self._digest = await asyncio.to_thread(
                 _commit_bytes, final, data, self.item_id, stale_exts
             )
             return final
@@ -471,7 +682,8 @@ class ImageSink:
             await asyncio.to_thread(os.fsync, f.fileno())
         finally:
             await f.close()
-        self.stat = await asyncio.to_thread(_place_spilled, tmp, final, self.item_id, stale)
+        st = await asyncio.to_thread(_place_spilled, tmp, final, self.item_id, stale)
+        self.mtime_ns = st.st_mtime_ns
         self._tmp = None
         return final
 

@@ -33,7 +33,7 @@ from .metrics import Metrics
 from .pager import CatalogueItem, Pages
 from .state import State
 from .storage import (
-    ImageWriter,
+    new_image_writer,
     remove_item_images,
     split_image_name,
     valid_item_id,
@@ -146,7 +146,7 @@ class SyncPass:
         self._deadline: float | None = None  # monotonic; set when a stop starts the drain clock
         self._reported = False  # the report is being built: late writes touch only the state
         self._on_disk: dict[str, tuple[str, ...]] = {}
-        self._writer = ImageWriter()
+        self._writer = new_image_writer()
 
     @property
     def complete(self) -> bool:
