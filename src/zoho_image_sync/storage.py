@@ -370,6 +370,7 @@ class ProcessImageWriter:
         self._answers = bytearray(durable.MAX_ANSWER)
         self._gone: asyncio.Event | None = None
         self._closing = False
+        self._broken = False  # the process failed: the thread writes everything
         self._fallback: ImageWriter | None = None
 
     @property
@@ -378,11 +379,14 @@ class ProcessImageWriter:
         return None if self._proc is None or self._sock is None else self._proc.pid
 
     def start(self) -> None:
-        """Start the process (from the event loop that will await the commits)."""
-        if self._loop is not None:
-            return
-        self._loop = asyncio.get_running_loop()
-        self._gone = asyncio.Event()
+        """Bind to the running event loop; the process starts with the first image (a pass
+        with nothing to download spawns nothing)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._gone = asyncio.Event()
+
+    def _spawn(self) -> None:
+        assert self._loop is not None and self._gone is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             argv = [sys.executable, "-I", "-S", durable.__file__, str(theirs.fileno())]
@@ -396,7 +400,8 @@ class ProcessImageWriter:
         except (OSError, ValueError) as exc:  # no interpreter to run: write in this process
             ours.close()
             log.warning("image writer process did not start; writing in a thread", error=str(exc))
-            self._switch_to_thread()
+            self._broken = True
+            self._gone.set()
             return
         finally:
             theirs.close()
@@ -418,7 +423,9 @@ class ProcessImageWriter:
         final = os.fspath(final)
         if folder is None:
             folder = os.path.dirname(final)
-        if self._fallback is not None or len(data) > self.slot_bytes or self._closing:
+        if self._proc is None and not self._broken and not self._closing:
+            self._spawn()
+        if self._broken or self._closing or len(data) > self.slot_bytes:
             return self._thread().submit(final, data, item_id, stale, folder)
         future: asyncio.Future[Committed] = self._loop.create_future()
         slot = self._free.pop() if self._free else self._new_slot()
@@ -484,14 +491,23 @@ class ProcessImageWriter:
         self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
         self._sock = None
-        if self._sent:
-            self._child_failed("it exited with requests unanswered")
+        if self._sent or not self._closing:
+            self._child_failed(f"it exited with {len(self._sent)} images unanswered")
         self._gone.set()
+        if self._closing:  # after a late answer (past aclose's deadline) too
+            self._release_slots()
+
+    def _release_slots(self) -> None:
+        for slot in self._slots:
+            slot.close()
+        self._slots.clear()
+        self._free.clear()
 
     def _child_failed(self, why: str) -> None:
         """Hand every unanswered body (still in its slot) to a thread; use it from now on."""
-        if self._fallback is None:
+        if not self._broken:
             log.error("image writer process failed; writing in a thread", why=why)
+        self._broken = True
         if self._sock is not None:
             assert self._loop is not None
             self._loop.remove_reader(self._sock.fileno())
@@ -511,30 +527,32 @@ class ProcessImageWriter:
 
     def _thread(self) -> ImageWriter:
         if self._fallback is None:
-            self._switch_to_thread()
-        assert self._fallback is not None
+            self._fallback = ImageWriter()
+            self._fallback.start()
         return self._fallback
-
-    def _switch_to_thread(self) -> None:
-        self._fallback = ImageWriter()
-        self._fallback.start()
 
     async def aclose(self, wait_at_most: float | None = None) -> bool:
         """Finish everything sent, then let the process end; False if ``wait_at_most`` ran
-        out (it then goes on in the background, and its late answers are still delivered)."""
-        if self._loop is None or self._closing:
+        out (it then goes on in the background, its late answers are still delivered, and
+        another ``aclose`` waits for the rest)."""
+        if self._loop is None:
             return True
-        self._closing = True
+        if not self._closing:
+            self._closing = True
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_WR)  # it answers what it has, then exits
+        if self._proc is None and self._fallback is None:
+            return True  # nothing was submitted
         loop = self._loop
         deadline = None if wait_at_most is None else loop.time() + wait_at_most
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_WR)  # it answers what it has, then exits
         assert self._gone is not None
         gone = asyncio.ensure_future(self._gone.wait())
         done, _ = await asyncio.wait({gone}, timeout=wait_at_most)
         if not done:
             gone.cancel()
+            if self._fallback is not None:
+                await self._fallback.aclose(0)  # its thread ends once it has written its queue
             return False
         if self._fallback is not None:
             left = None if deadline is None else max(0.0, deadline - loop.time())
@@ -543,10 +561,7 @@ class ProcessImageWriter:
         proc = self._proc
         if proc is not None:
             await asyncio.to_thread(proc.wait)  # its socket has closed: it is exiting
-        for slot in self._slots:
-            slot.close()
-        self._slots.clear()
-        self._free.clear()
+        self._release_slots()
         return True
 
 

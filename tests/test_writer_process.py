@@ -1,0 +1,256 @@
+"""The image writer process: a real child process, real signals, real files."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from conftest import (
+    SMALL,
+    SimFactory,
+    assert_folder_matches_state,
+    assert_mirror,
+    run_once,
+)
+from zoho_image_sync.service import Service
+from zoho_image_sync.storage import TMP_PREFIX, Committed, ProcessImageWriter
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="Linux only")
+
+
+def _jpeg(n: int) -> bytes:
+    return b"\xff\xd8\xff" + os.urandom(n)
+
+
+async def _running(folder: Path) -> tuple[ProcessImageWriter, int]:
+    """A writer whose process is up (it answered a first image)."""
+    writer = ProcessImageWriter()
+    writer.start()
+    await writer.submit(folder / "first.jpg", _jpeg(100), "first", ())
+    assert writer.pid is not None and writer.pid != os.getpid()
+    return writer, writer.pid
+
+
+def _gone_within(pid_fd: int, seconds: float) -> bool:
+    readable, _, _ = select.select([pid_fd], [], [], seconds)
+    return bool(readable)
+
+
+def _check(folder: Path, bodies: dict[str, bytes], results: list[Committed]) -> None:
+    for (item_id, body), (mtime_ns, digest) in zip(bodies.items(), results, strict=True):
+        path = folder / f"{item_id}.jpg"
+        assert path.read_bytes() == body, item_id
+        assert digest == hashlib.sha256(body).hexdigest()
+        assert mtime_ns == path.stat().st_mtime_ns
+        assert path.stat().st_mode & 0o777 == 0o644
+
+
+async def test_it_writes_each_image_durably_with_its_hash_and_mode(tmp_path: Path) -> None:
+    (tmp_path / "7.png").write_bytes(b"old")  # a stale extension of item 7
+    old = os.umask(0o077)  # the process starts under it: the mode must not depend on it
+    try:
+        writer, pid = await _running(tmp_path)
+    finally:
+        os.umask(old)
+    bodies = {str(i): _jpeg(5_000 + 37 * i) for i in range(40)}
+    futures = [
+        writer.submit(tmp_path / f"{i}.jpg", body, i, ("png",) if i == "7" else ())
+        for i, body in bodies.items()
+    ]
+    results = await asyncio.gather(*futures)
+    assert writer.pid == pid  # all of them in the one process, none in a thread
+    assert await writer.aclose()
+    _check(tmp_path, bodies, results)
+    assert not (tmp_path / "7.png").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
+    with pytest.raises(ProcessLookupError):  # it exited, and it was reaped
+        os.pidfd_open(pid)
+
+
+async def test_a_failed_write_fails_only_its_own_image(tmp_path: Path) -> None:
+    writer, _ = await _running(tmp_path)
+    good = [writer.submit(tmp_path / f"{i}.jpg", _jpeg(500), str(i), ()) for i in range(3)]
+    bad = writer.submit(tmp_path / "missing" / "9.jpg", _jpeg(500), "9", ())
+    assert len(await asyncio.gather(*good)) == 3
+    with pytest.raises(FileNotFoundError) as caught:
+        await bad
+    assert str(tmp_path / "missing") in str(caught.value.filename)
+    assert await writer.aclose()
+
+
+async def test_a_killed_process_loses_no_image(tmp_path: Path) -> None:
+    writer, pid = await _running(tmp_path)
+    os.kill(pid, signal.SIGSTOP)  # what it is sent from now on stays unanswered
+    bodies = {str(i): _jpeg(20_000 + i) for i in range(12)}
+    futures = [writer.submit(tmp_path / f"{i}.jpg", b, i, ()) for i, b in bodies.items()]
+    assert not any(f.done() for f in futures)
+    with capture_logs() as logs:
+        os.kill(pid, signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*futures), 10)
+        later = {"late": _jpeg(3_000)}
+        results.append(await writer.submit(tmp_path / "late.jpg", later["late"], "late", ()))
+    assert await writer.aclose()
+    _check(tmp_path, bodies | later, results)
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+        "image writer process failed; writing in a thread"
+    ]
+
+
+async def test_a_stuck_process_does_not_hold_close_past_its_deadline(tmp_path: Path) -> None:
+    writer, pid = await _running(tmp_path)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        bodies = {str(i): _jpeg(8_000 + i) for i in range(4)}
+        futures = [writer.submit(tmp_path / f"{i}.jpg", b, i, ()) for i, b in bodies.items()]
+        assert not await asyncio.wait_for(writer.aclose(wait_at_most=0.2), 5)
+        assert not any(f.done() for f in futures)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Once it moves, the late answers still arrive, and a second close sees it exit.
+    _check(tmp_path, bodies, await asyncio.wait_for(asyncio.gather(*futures), 10))
+    assert await asyncio.wait_for(writer.aclose(), 10)
+    with pytest.raises(ProcessLookupError):
+        os.pidfd_open(pid)
+
+
+async def test_it_ignores_the_signals_meant_for_the_daemon(tmp_path: Path) -> None:
+    # A Ctrl-C reaches the whole process group: the daemon drains, its writer must not die.
+    writer, pid = await _running(tmp_path)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        os.kill(pid, sig)
+    bodies = {str(i): _jpeg(1_000 + i) for i in range(5)}
+    with capture_logs() as logs:
+        futures = [writer.submit(tmp_path / f"{i}.jpg", b, i, ()) for i, b in bodies.items()]
+        _check(tmp_path, bodies, await asyncio.gather(*futures))
+    assert writer.pid == pid and not logs
+    assert await writer.aclose()
+
+
+async def test_it_gets_no_secret_and_no_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ZOHO_CLIENT_SECRET", "hush-0123456789")
+    writer, pid = await _running(tmp_path)
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert [v.split(b"=")[0] for v in environ if v] == [b"PATH"]
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert b"hush" not in environ and b"hush" not in cmdline
+    assert await writer.aclose()
+
+
+async def test_it_dies_with_the_daemon_and_writes_nothing_after(tmp_path: Path) -> None:
+    # SIGKILL leaves the daemon no time to close anything. Its writer must not go on with
+    # what it was sent: a write after the daemon's death could race the next start's sweep.
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from zoho_image_sync.storage import ProcessImageWriter
+        body = b"\\xff\\xd8\\xff" + b"x" * 1000
+        async def main():
+            w = ProcessImageWriter(); w.start()
+            await w.submit({str(tmp_path / "a.jpg")!r}, body, "a", ())
+            print(w.pid, flush=True)
+            await asyncio.to_thread(sys.stdin.readline)
+            for i in range(5):
+                w.submit({str(tmp_path)!r} + f"/b{{i}}.jpg", body, f"b{{i}}", ())
+            print("sent", flush=True)
+            await asyncio.Event().wait()
+        asyncio.run(main())
+        """
+    )
+    daemon = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert daemon.stdin is not None and daemon.stdout is not None
+    try:
+        pid = int(await asyncio.wait_for(daemon.stdout.readline(), 20))
+        pid_fd = os.pidfd_open(pid)
+        try:
+            os.kill(pid, signal.SIGSTOP)  # the next five requests wait in its socket
+            daemon.stdin.write(b"go\n")
+            await daemon.stdin.drain()
+            assert await asyncio.wait_for(daemon.stdout.readline(), 20) == b"sent\n"
+            daemon.kill()
+            await asyncio.wait_for(daemon.wait(), 10)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)  # were it alive, it would now write them
+            assert await asyncio.to_thread(_gone_within, pid_fd, 10)
+        finally:
+            os.close(pid_fd)
+    finally:
+        if daemon.returncode is None:
+            daemon.kill()
+            await daemon.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg"]
+
+
+class _Spawned:
+    """Catches the pass's writer process as it starts."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.pid = 0
+        self.writer: ProcessImageWriter | None = None
+        self.started = asyncio.Event()
+        real = ProcessImageWriter._spawn
+
+        def spawn(writer: ProcessImageWriter) -> None:
+            real(writer)
+            assert writer.pid is not None
+            self.pid, self.writer = writer.pid, writer
+            os.kill(self.pid, signal.SIGSTOP)  # held: what it is sent stays unanswered
+            self.started.set()
+
+        monkeypatch.setattr(ProcessImageWriter, "_spawn", spawn)
+
+
+async def test_a_pass_whose_writer_process_is_killed_loses_nothing(
+    make_sim: SimFactory, make_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spawned = _Spawned(monkeypatch)
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim, download={"workers": 2})
+    task = asyncio.create_task(run_once(cfg))
+    await asyncio.wait_for(spawned.started.wait(), 10)
+    await asyncio.wait_for(sim.wait_api_requests(1 + 4), 10)  # two bodies per worker held
+    os.kill(spawned.pid, signal.SIGKILL)
+    report, code = await asyncio.wait_for(task, 30)
+    assert code == 0 and report["statistics"]["images_downloaded"] == 120
+    assert_mirror(sim, cfg.storage.images_dir)
+    assert_folder_matches_state(cfg.storage.images_dir, cfg.storage.state_file)
+
+
+async def test_a_stuck_writer_process_does_not_hold_a_stop_past_its_deadline(
+    make_sim: SimFactory, make_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spawned = _Spawned(monkeypatch)
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim, download={"workers": 2}, sync={"shutdown_timeout_seconds": 0.5})
+    service = Service(cfg)
+    task = asyncio.create_task(service.once())
+    try:
+        await asyncio.wait_for(spawned.started.wait(), 10)
+        await asyncio.wait_for(sim.wait_api_requests(1 + 4), 10)
+        t0 = time.monotonic()
+        service.handle_term()
+        report, code = await asyncio.wait_for(task, 10)
+        assert time.monotonic() - t0 < 3
+        assert code == 75 and report["status"] == "interrupted"
+        assert report["statistics"]["images_downloaded"] == 0
+    finally:
+        os.kill(spawned.pid, signal.SIGCONT)
+    # It then writes what it holds, and a second close sees it end (its socket closed).
+    assert spawned.writer is not None
+    assert await asyncio.wait_for(spawned.writer.aclose(), 10)
