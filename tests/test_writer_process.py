@@ -72,6 +72,7 @@ async def test_it_writes_each_image_durably_with_its_hash_and_mode(tmp_path: Pat
     ]
     results = await asyncio.gather(*futures)
     assert writer.pid == pid  # all of them in the one process, none in a thread
+    assert os.sched_getscheduler(pid) == os.SCHED_BATCH  # it never preempts the loop
     assert await writer.aclose()
     _check(tmp_path, bodies, results)
     assert not (tmp_path / "7.png").exists()
