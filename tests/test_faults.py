@@ -59,7 +59,7 @@ async def test_sigkill_at_random_points_loses_nothing(make_sim: SimFactory, tmp_
     served = [r.item_id for r in sim.records if r.endpoint == "image" and r.status == 200]
     extra = len(served) - 120
     # Each kill may cost the images the 4 workers held (served but not yet recorded): each
-    # worker has at most two, one downloading and one with the writer thread.
+    # worker has at most two, one downloading and one with the image writer.
     assert 0 <= extra <= 2 * 4 * len(kills), (extra, in_flight_at_kill)
 
 

@@ -77,7 +77,7 @@ def verified_stat(previous: Mapping[str, Any]) -> os.stat_result | None:
 
 @dataclass(slots=True)
 class Handoff:
-    """A fetched image whose body is with the writer thread (``run_job`` with a writer).
+    """A fetched image whose body is with the image writer (``run_job`` with a writer).
 
     The worker is free for its next item; call ``finish()`` once ``future`` is done.
     """

@@ -651,7 +651,7 @@ class ImageSink:
 
     @property
     def in_memory(self) -> bool:
-        """Nothing spilled to disk: the writer thread can take the whole body."""
+        """Nothing spilled to disk: the image writer can take the whole body."""
         return self._file is None
 
     def hand_over(
