@@ -25,6 +25,7 @@ from conftest import (
     assert_mirror,
     run_once,
 )
+from zoho_image_sync import durable
 from zoho_image_sync.service import Service
 from zoho_image_sync.storage import TMP_PREFIX, Committed, ProcessImageWriter
 
@@ -149,6 +150,13 @@ async def test_it_gets_no_secret_and_no_environment(
     assert [v.split(b"=")[0] for v in environ if v] == [b"PATH"]
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     assert b"hush" not in environ and b"hush" not in cmdline
+    # Nothing of the daemon's open files either (state lock, token cache, sockets): its
+    # standard streams, its socket (the fd named on its command line) and the shared
+    # memory it was sent (one arena so far).
+    sock_fd = cmdline.split(b"\0")[-3].decode()
+    fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    others = {fd: target for fd, target in fds.items() if fd not in ("0", "1", "2", sock_fd)}
+    assert list(others.values()) == ["/memfd:zis-images-0 (deleted)"], fds
     assert await writer.aclose()
 
 
@@ -255,3 +263,108 @@ async def test_a_stuck_writer_process_does_not_hold_a_stop_past_its_deadline(
     # It then writes what it holds, and a second close sees it end (its socket closed).
     assert spawned.writer is not None
     assert await asyncio.wait_for(spawned.writer.aclose(), 10)
+
+
+async def test_a_garbled_answer_hands_its_images_to_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process that answers nonsense (a bug, a version mix-up) must not leave a worker
+    # waiting forever: its images are written by the thread, and it is killed.
+    fake = tmp_path / "fake_writer.py"
+    fake.write_text(
+        textwrap.dedent(
+            """
+            import socket, sys, time
+            sock = socket.socket(fileno=int(sys.argv[1]))
+            sock.recvmsg(1 << 16, socket.CMSG_SPACE(4))
+            sock.send(b"[[12345, 1, 2]]")  # an id nobody sent
+            while True:
+                time.sleep(60)  # killed by the daemon
+            """
+        )
+    )
+    monkeypatch.setattr(durable, "__file__", str(fake))
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ProcessImageWriter()
+    writer.start()
+    body = _jpeg(4_000)
+    with capture_logs() as logs:
+        result = await asyncio.wait_for(writer.submit(out / "1.jpg", body, "1", ()), 10)
+    assert "unreadable answer" in next(e["why"] for e in logs if e["log_level"] == "error")
+    _check(out, {"1": body}, [result])
+    assert await asyncio.wait_for(writer.aclose(), 10)
+
+
+async def test_a_full_socket_waits_for_room_and_is_no_failure(tmp_path: Path) -> None:
+    # Hundreds of workers and a slow disk: more requests than the socket holds. They wait
+    # in order for room; the process is not given up for it, and close waits for them.
+    writer, pid = await _running(tmp_path)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        bodies = {str(i): _jpeg(200 + i) for i in range(600)}
+        futures = [writer.submit(tmp_path / f"{i}.jpg", b, i, ()) for i, b in bodies.items()]
+        assert writer._waiting_for_room  # the socket is full: the case under test
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    with capture_logs() as logs:
+        assert await asyncio.wait_for(writer.aclose(), 30)  # before any answer was read
+    assert not logs
+    _check(tmp_path, bodies, [f.result() for f in futures])
+
+
+async def test_it_fsyncs_each_file_and_each_folder_once_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real serve loop in a real process, its fsync calls recorded by a wrapper.
+    record = tmp_path / "fsyncs.txt"
+    wrapper = tmp_path / "counting_writer.py"
+    wrapper.write_text(
+        textwrap.dedent(
+            f"""
+            import os, runpy, stat, sys
+            real = os.fsync
+            def fsync(fd):
+                real(fd)
+                kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+                with open({str(record)!r}, "a") as f:
+                    f.write(kind + " " + os.readlink(f"/proc/self/fd/{{fd}}") + "\\n")
+            os.fsync = fsync
+            sys.argv[0] = {durable.__file__!r}
+            runpy.run_path({durable.__file__!r}, run_name="__main__")
+            """
+        )
+    )
+    monkeypatch.setattr(durable, "__file__", str(wrapper))
+    out = tmp_path / "out"
+    out.mkdir()
+    writer, pid = await _running(out)  # one image: a batch of one
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        bodies = {str(i): _jpeg(3_000 + i) for i in range(40)}
+        futures = [writer.submit(out / f"{i}.jpg", b, i, ()) for i, b in bodies.items()]
+    finally:
+        os.kill(pid, signal.SIGCONT)  # all 40 are waiting: one batch
+    _check(out, bodies, await asyncio.wait_for(asyncio.gather(*futures), 10))
+    assert await writer.aclose()
+    lines = record.read_text().splitlines()
+    files = [line for line in lines if line.startswith("file ")]
+    assert len(files) == 41
+    assert all(Path(line[5:]).name.startswith(TMP_PREFIX) for line in files)  # before rename
+    assert [line for line in lines if line.startswith("dir ")] == [f"dir {out}"] * 2
+    assert lines[1] == f"dir {out}" and lines[-1] == f"dir {out}"  # after each batch's files
+
+
+async def test_no_process_means_a_thread_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    writer = ProcessImageWriter()
+    writer.start()
+    bodies = {str(i): _jpeg(2_000 + i) for i in range(3)}
+    with capture_logs() as logs:
+        futures = [writer.submit(tmp_path / f"{i}.jpg", b, i, ()) for i, b in bodies.items()]
+        _check(tmp_path, bodies, await asyncio.gather(*futures))
+    assert writer.pid is None
+    assert [e["event"] for e in logs] == ["image writer process did not start; writing in a thread"]
+    assert await writer.aclose()

@@ -11,10 +11,11 @@ not the disk, bounded a pass. The process has its own interpreter.
 
 The protocol (one ``AF_UNIX``/``SOCK_SEQPACKET`` socket, so every message is one packet):
 
-- request: ``REQUEST`` (request id, slot id, body length) then ``final\\0item_id\\0stale``
-  (``stale``: comma-separated extensions), with the slot's memfd attached (SCM_RIGHTS)
-  the first time that slot is used. The body is the first ``length`` bytes of the slot,
-  a shared memory buffer the daemon filled and does not touch until the answer.
+- request: ``REQUEST_HEAD`` (request id, arena id, offset, body length), then
+  ``final\\0item_id\\0stale`` (``stale``: comma-separated extensions), with the arena's
+  memfd attached (SCM_RIGHTS) the first time that arena is used. The body is ``length``
+  bytes at ``offset`` in the arena, shared memory the daemon filled and does not touch
+  until the answer.
 - answer: one JSON list per batch, ``[id, mtime_ns, sha256]`` for a durable image or
   ``[id, null, errno, strerror, filename]`` for a failed one.
 
@@ -30,6 +31,7 @@ import contextlib
 import hashlib
 import itertools
 import os
+import sys
 from collections.abc import Iterable
 from typing import Final
 
@@ -143,21 +145,26 @@ def commit_bytes(
 
 # -- the image writer process ---------------------------------------------------------
 
-REQUEST_HEAD: Final = "<III"  # struct format: request id, slot id, body length
+REQUEST_HEAD: Final = "<IIII"  # struct format: request id, arena id, offset, body length
 MAX_BATCH: Final = 64
 MAX_PACKET: Final = 1 << 16  # a request: a path and an item id
-MAX_ANSWER: Final = 1 << 18  # a batch's answers: at most MAX_BATCH x ~1.6 KB
+MAX_ANSWER: Final = 1 << 16  # one packet of answers (a batch's may take several)
 
 
 def _die_with_parent(parent: int) -> None:
-    import ctypes
     import signal
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    with contextlib.suppress(OSError, AttributeError):
+    try:
+        import ctypes
+
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    except (OSError, AttributeError, ImportError) as exc:
+        # serve() still checks its parent before each batch: a slower net, not none.
+        sys.stderr.write(f"zoho-image-sync image writer: {exc}\n")
     if os.getppid() != parent:  # the daemon died before the prctl took hold
         raise SystemExit(0)
     # SCHED_BATCH: woken by a request, it does not preempt the event loop on that CPU; an
@@ -174,37 +181,36 @@ def serve(sock_fd: int, parent: int) -> None:
     import mmap
     import socket
     import struct
-    import sys
 
     _die_with_parent(parent)
     head = struct.Struct(REQUEST_HEAD)
     sock = socket.socket(fileno=sock_fd)
-    slots: dict[int, mmap.mmap] = {}
+    arenas: dict[int, mmap.mmap] = {}
 
-    def receive(flags: int) -> tuple[int, int, int, str, str, tuple[str, ...]] | None:
+    def receive(flags: int) -> tuple[int, int, int, int, str, str, tuple[str, ...]] | None:
         # recvmsg, not socket.recv_fds: that one drops its flags argument in 3.11.
         msg, ancillary, _, _ = sock.recvmsg(MAX_PACKET, socket.CMSG_SPACE(4), flags)
         if not msg:
             return None
-        rid, slot, length = head.unpack_from(msg)
+        rid, arena, offset, length = head.unpack_from(msg)
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fd = int.from_bytes(data[:4], sys.byteorder, signed=True)
                 try:
-                    slots[slot] = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+                    arenas[arena] = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
                 finally:
                     os.close(fd)
         final, item_id, stale = msg[head.size :].split(b"\0")
         exts = tuple(stale.decode().split(",")) if stale else ()
-        return rid, slot, length, os.fsdecode(final), item_id.decode(), exts
+        return rid, arena, offset, length, os.fsdecode(final), item_id.decode(), exts
 
     answers: list[list[object]] = []
     folders: dict[str, list[int]] = {}
 
-    def write(req: tuple[int, int, int, str, str, tuple[str, ...]]) -> None:
-        rid, slot, length, final, item_id, stale = req
+    def write(req: tuple[int, int, int, int, str, str, tuple[str, ...]]) -> None:
+        rid, arena, offset, length, final, item_id, stale = req
         try:
-            with memoryview(slots[slot]) as whole, whole[:length] as body:
+            with memoryview(arenas[arena]) as whole, whole[offset : offset + length] as body:
                 mtime_ns, digest = commit_bytes(final, body, item_id, stale, False)
         except OSError as exc:
             answers.append(_failed(rid, exc.errno, exc.strerror, exc.filename))
@@ -214,11 +220,24 @@ def serve(sock_fd: int, parent: int) -> None:
             folders.setdefault(os.path.dirname(final), []).append(len(answers))
             answers.append([rid, mtime_ns, digest])
 
+    def answer() -> None:
+        # One packet for the whole batch as a rule; split where escaped names make it big.
+        packet: list[str] = []
+        size = 2
+        for a in answers:
+            text = json.dumps(a, separators=(",", ":"))
+            if packet and size + len(text) + 1 > MAX_ANSWER:
+                sock.send(f"[{','.join(packet)}]".encode())
+                packet, size = [], 2
+            packet.append(text)
+            size += len(text) + 1
+        sock.send(f"[{','.join(packet)}]".encode())
+
     ended = False
     while not ended:
         req = receive(0)
-        if req is None:
-            return
+        if req is None or os.getppid() != parent:
+            return  # the end of the socket, or the daemon is gone: write nothing more
         answers.clear()
         folders.clear()
         write(req)
@@ -239,16 +258,17 @@ def serve(sock_fd: int, parent: int) -> None:
             except OSError as exc:
                 for i in indexes:
                     answers[i] = _failed(answers[i][0], exc.errno, exc.strerror, folder)
-        sock.send(json.dumps(answers, separators=(",", ":")).encode())
+        try:
+            answer()
+        except OSError:  # the daemon closed its end (it gave up on us, or is exiting)
+            return
 
 
 def _failed(rid: object, errno: int | None, text: str | None, filename: object) -> list[object]:
-    # Bounded, so that a whole batch of answers always fits in one packet of MAX_ANSWER.
+    # Bounded (JSON escapes may take 12 bytes a character): one answer always fits a packet.
     name = None if filename is None else os.fsdecode(filename)[-1024:]  # type: ignore[arg-type]
     return [rid, None, errno, (text or "")[:512], name]
 
 
 if __name__ == "__main__":
-    import sys
-
     serve(int(sys.argv[1]), int(sys.argv[2]))

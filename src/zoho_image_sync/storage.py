@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import contextlib
 import functools
 import hashlib
@@ -189,6 +190,7 @@ class ImageWriter:
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._join: asyncio.Future[None] | None = None
 
     def start(self) -> None:
         """Start the thread (call from the event loop that will await the commits)."""
@@ -223,15 +225,22 @@ class ImageWriter:
         """Finish everything queued, then stop the thread; False if ``wait_at_most`` ran out.
 
         After that the (daemon) thread goes on with what is queued: a stuck disk must
-        not hold a shutdown past its deadline. Its late results are still delivered.
+        not hold a shutdown past its deadline. Its late results are still delivered, and
+        another ``aclose`` waits for the rest.
         """
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return True
-        self._queue.put(None)
-        join = asyncio.ensure_future(asyncio.to_thread(thread.join))
-        done, _ = await asyncio.wait({join}, timeout=wait_at_most)
+        if self._join is None:
+            thread, self._thread = self._thread, None
+            if thread is None:
+                return True
+            self._queue.put(None)
+            self._join = asyncio.ensure_future(asyncio.to_thread(thread.join))
+        done, _ = await asyncio.wait({self._join}, timeout=wait_at_most)
         return bool(done)
+
+    @property
+    def closing(self) -> bool:
+        """``aclose`` was called: it takes no more images."""
+        return self._join is not None
 
     @staticmethod
     def _write_batch(batch: list[_Request]) -> None:
@@ -310,16 +319,20 @@ def new_image_writer() -> Writer:
     return ProcessImageWriter() if WRITER_PROCESS else ImageWriter()
 
 
-class _Slot:
-    """A shared memory buffer (memfd) that carries one body at a time to the process."""
+class _Arena:
+    """Shared memory (one memfd) cut into ``ARENA_SLOTS`` slots, each carrying one body
+    at a time to the process. Sparse: only the pages a body touches take memory. One fd
+    per arena, not per slot (mmap keeps a duplicate of its fd open, in both processes).
+    """
 
-    __slots__ = ("fd", "index", "mm")
+    __slots__ = ("fd", "index", "mm", "used")
 
     def __init__(self, index: int, size: int) -> None:
         self.index = index
-        self.fd: int | None = os.memfd_create(f"zis-image-{index}")
+        self.used = 0  # slots handed out so far
+        self.fd: int | None = os.memfd_create(f"zis-images-{index}")
         try:
-            os.ftruncate(self.fd, size)  # sparse: only the pages a body touches take memory
+            os.ftruncate(self.fd, size)
             self.mm = mmap.mmap(self.fd, size)
         except BaseException:
             os.close(self.fd)
@@ -330,6 +343,15 @@ class _Slot:
             os.close(self.fd)
             self.fd = None
         self.mm.close()
+
+
+ARENA_SLOTS: Final = 16
+
+
+@dataclass(slots=True)
+class _Slot:
+    arena: _Arena
+    offset: int
 
 
 @dataclass(slots=True)
@@ -352,9 +374,9 @@ class ProcessImageWriter:
     socket is readable. A slot is reused only after its answer. Same contract as
     ``ImageWriter``: a future resolves once the image's rename is durable.
 
-    Should the process die (the OOM killer, a bug), nothing is lost: the bodies it had
-    not answered for are still in their slots and go, with everything after, to an
-    ``ImageWriter`` thread in this process.
+    Should the process fail (killed by the OOM killer, a bug, a garbled answer), nothing
+    is lost: it is killed if still alive, and the bodies it had not answered for (still in
+    their slots) go, with everything after, to an ``ImageWriter`` thread in this process.
     """
 
     def __init__(self, slot_bytes: int = SPILL_BYTES) -> None:
@@ -364,14 +386,16 @@ class ProcessImageWriter:
         self._sock: socket.socket | None = None
         self._head = struct.Struct(durable.REQUEST_HEAD)
         self._ids = itertools.count()
-        self._slots: list[_Slot] = []
+        self._arenas: list[_Arena] = []
         self._free: list[_Slot] = []
         self._sent: dict[int, _Sent] = {}
+        self._unsent: collections.deque[tuple[bytes, _Arena]] = collections.deque()
+        self._waiting_for_room = False  # the socket was full: a writer callback is set
         self._answers = bytearray(durable.MAX_ANSWER)
         self._gone: asyncio.Event | None = None
         self._closing = False
-        self._broken = False  # the process failed: the thread writes everything
-        self._fallback: ImageWriter | None = None
+        self._broken = False  # the process failed: threads write everything
+        self._threads: list[ImageWriter] = []
 
     @property
     def pid(self) -> int | None:
@@ -387,7 +411,11 @@ class ProcessImageWriter:
 
     def _spawn(self) -> None:
         assert self._loop is not None and self._gone is not None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            self._no_process(exc)
+            return
         try:
             argv = [sys.executable, "-I", "-S", durable.__file__, str(theirs.fileno())]
             self._proc = subprocess.Popen(
@@ -399,15 +427,19 @@ class ProcessImageWriter:
             )
         except (OSError, ValueError) as exc:  # no interpreter to run: write in this process
             ours.close()
-            log.warning("image writer process did not start; writing in a thread", error=str(exc))
-            self._broken = True
-            self._gone.set()
+            self._no_process(exc)
             return
         finally:
             theirs.close()
         ours.setblocking(False)
         self._sock = ours
         self._loop.add_reader(ours.fileno(), self._on_answers)
+
+    def _no_process(self, exc: BaseException) -> None:
+        assert self._gone is not None
+        log.warning("image writer process did not start; writing in a thread", error=str(exc))
+        self._broken = True
+        self._gone.set()
 
     def submit(
         self,
@@ -427,33 +459,57 @@ class ProcessImageWriter:
             self._spawn()
         if self._broken or self._closing or len(data) > self.slot_bytes:
             return self._thread().submit(final, data, item_id, stale, folder)
-        future: asyncio.Future[Committed] = self._loop.create_future()
-        slot = self._free.pop() if self._free else self._new_slot()
+        if self._free:
+            slot = self._free.pop()
+        else:
+            try:
+                slot = self._new_slot()
+            except OSError as exc:  # no memfd (a seccomp filter), no memory, no fd left
+                self._child_failed(f"no shared memory: {exc}")
+                return self._thread().submit(final, data, item_id, stale, folder)
         length = len(data)
-        slot.mm[:length] = data
-        sent = _Sent(slot, length, final, item_id, stale, folder, future)
+        slot.arena.mm[slot.offset : slot.offset + length] = data
+        future: asyncio.Future[Committed] = self._loop.create_future()
         rid = next(self._ids)
-        self._sent[rid] = sent
-        packet = self._head.pack(rid, slot.index, length) + b"\0".join(
+        self._sent[rid] = _Sent(slot, length, final, item_id, stale, folder, future)
+        packet = self._head.pack(rid, slot.arena.index, slot.offset, length) + b"\0".join(
             (os.fsencode(final), item_id.encode(), ",".join(stale).encode())
         )
-        try:
-            assert self._sock is not None
-            if slot.fd is None:
-                self._sock.send(packet)
-            else:  # the slot's first request carries its memfd
-                fds = array.array("i", (slot.fd,))
-                self._sock.sendmsg([packet], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-                os.close(slot.fd)  # the mapping stays; the process has its own descriptor
-                slot.fd = None
-        except OSError as exc:  # gone (its end seen later) or a full socket: write here
-            self._child_failed(f"request not sent: {exc}")
+        self._unsent.append((packet, slot.arena))
+        if len(self._unsent) == 1:
+            self._send_unsent()
         return future
 
-    def _new_slot(self) -> _Slot:
-        slot = _Slot(len(self._slots), self.slot_bytes)
-        self._slots.append(slot)
-        return slot
+    def _send_unsent(self) -> None:
+        """Send what is waiting, in order; a full socket waits for room (back-pressure
+        from a slow disk, with hundreds of workers), it is no failure."""
+        sock, loop = self._sock, self._loop
+        assert sock is not None and loop is not None
+        while self._unsent:
+            packet, arena = self._unsent[0]
+            try:
+                if arena.fd is None:
+                    sock.send(packet)
+                else:  # the arena's first request carries its memfd
+                    fds = array.array("i", (arena.fd,))
+                    sock.sendmsg([packet], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                    os.close(arena.fd)  # the mapping stays; the process has its own fd
+                    arena.fd = None
+            except BlockingIOError:
+                if not self._waiting_for_room:
+                    loop.add_writer(sock.fileno(), self._send_unsent)
+                    self._waiting_for_room = True
+                return
+            except OSError as exc:  # it is gone (the end of its socket is read next)
+                self._child_failed(f"request not sent: {exc}")
+                return
+            self._unsent.popleft()
+        if self._waiting_for_room:
+            loop.remove_writer(sock.fileno())
+            self._waiting_for_room = False
+        if self._closing:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)  # it answers what it has, then exits
 
     def _on_answers(self) -> None:
         sock = self._sock
@@ -469,8 +525,14 @@ class ProcessImageWriter:
             if n == 0:
                 self._ended()
                 return
-            for answer in json.loads(self._answers[:n]):
-                self._deliver(answer)
+            try:
+                for answer in json.loads(self._answers[:n]):
+                    self._deliver(answer)
+            except (ValueError, LookupError, TypeError) as exc:  # never leave a worker waiting
+                self._child_failed(f"unreadable answer: {exc!r}"[:200])
+                return
+            if self._sock is None:
+                return
 
     def _deliver(self, answer: list[Any]) -> None:
         sent = self._sent.pop(answer[0])
@@ -487,49 +549,67 @@ class ProcessImageWriter:
 
     def _ended(self) -> None:
         """The socket reached its end: the process exited (or is about to)."""
-        assert self._loop is not None and self._sock is not None and self._gone is not None
-        self._loop.remove_reader(self._sock.fileno())
-        self._sock.close()
-        self._sock = None
         if self._sent or not self._closing:
             self._child_failed(f"it exited with {len(self._sent)} images unanswered")
-        self._gone.set()
+        else:
+            self._drop_socket()
         if self._closing:  # after a late answer (past aclose's deadline) too
             self._release_slots()
 
+    def _drop_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            assert self._loop is not None and self._gone is not None
+            self._loop.remove_reader(sock.fileno())
+            if self._waiting_for_room:
+                self._loop.remove_writer(sock.fileno())
+                self._waiting_for_room = False
+            sock.close()
+            self._gone.set()
+        self._unsent.clear()
+
+    def _new_slot(self) -> _Slot:
+        arena = self._arenas[-1] if self._arenas else None
+        if arena is None or arena.used == ARENA_SLOTS:
+            arena = _Arena(len(self._arenas), ARENA_SLOTS * self.slot_bytes)
+            self._arenas.append(arena)
+        slot = _Slot(arena, arena.used * self.slot_bytes)
+        arena.used += 1
+        return slot
+
     def _release_slots(self) -> None:
-        for slot in self._slots:
-            slot.close()
-        self._slots.clear()
         self._free.clear()
+        for arena in self._arenas:
+            arena.close()
+        self._arenas.clear()
 
     def _child_failed(self, why: str) -> None:
         """Hand every unanswered body (still in its slot) to a thread; use it from now on."""
+        proc = self._proc
         if not self._broken:
-            log.error("image writer process failed; writing in a thread", why=why)
+            code = None if proc is None else proc.poll()
+            log.error("image writer process failed; writing in a thread", why=why, exit=code)
         self._broken = True
-        if self._sock is not None:
-            assert self._loop is not None
-            self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
-            assert self._gone is not None
-            self._gone.set()
+        if proc is not None and proc.returncode is None:
+            # What it still holds is written again by the thread; it must not write too.
+            with contextlib.suppress(OSError):
+                proc.kill()
+        self._drop_socket()
         thread = self._thread()
         sent, self._sent = self._sent, {}
         for s in sent.values():
             if s.future.done():
                 continue
-            again = thread.submit(
-                s.final, bytes(s.slot.mm[: s.length]), s.item_id, s.stale, s.folder
-            )
+            body = s.slot.arena.mm[s.slot.offset : s.slot.offset + s.length]
+            again = thread.submit(s.final, body, s.item_id, s.stale, s.folder)
             again.add_done_callback(functools.partial(_chain, s.future))
 
     def _thread(self) -> ImageWriter:
-        if self._fallback is None:
-            self._fallback = ImageWriter()
-            self._fallback.start()
-        return self._fallback
+        if not self._threads or self._threads[-1].closing:
+            writer = ImageWriter()
+            writer.start()
+            self._threads.append(writer)
+        return self._threads[-1]
 
     async def aclose(self, wait_at_most: float | None = None) -> bool:
         """Finish everything sent, then let the process end; False if ``wait_at_most`` ran
@@ -537,30 +617,32 @@ class ProcessImageWriter:
         another ``aclose`` waits for the rest)."""
         if self._loop is None:
             return True
-        if not self._closing:
-            self._closing = True
-            if self._sock is not None:
-                with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_WR)  # it answers what it has, then exits
-        if self._proc is None and self._fallback is None:
-            return True  # nothing was submitted
         loop = self._loop
         deadline = None if wait_at_most is None else loop.time() + wait_at_most
-        assert self._gone is not None
-        gone = asyncio.ensure_future(self._gone.wait())
-        done, _ = await asyncio.wait({gone}, timeout=wait_at_most)
-        if not done:
-            gone.cancel()
-            if self._fallback is not None:
-                await self._fallback.aclose(0)  # its thread ends once it has written its queue
-            return False
-        if self._fallback is not None:
+        if not self._closing:
+            self._closing = True
+            if self._sock is not None and not self._unsent:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_WR)  # it answers what it has, then exits
+        if self._proc is not None:
+            assert self._gone is not None
+            gone = asyncio.ensure_future(self._gone.wait())
+            if not (await asyncio.wait({gone}, timeout=wait_at_most))[0]:
+                gone.cancel()
+                for thread in self._threads:
+                    await thread.aclose(0)  # a thread ends once it has written its queue
+                return False
+        for thread in self._threads:
             left = None if deadline is None else max(0.0, deadline - loop.time())
-            if not await self._fallback.aclose(left):
+            if not await thread.aclose(left):
                 return False
         proc = self._proc
-        if proc is not None:
-            await asyncio.to_thread(proc.wait)  # its socket has closed: it is exiting
+        if proc is not None and proc.returncode is None:
+            # Its socket has closed: it is exiting (or was killed). Reap it.
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            reaped = asyncio.ensure_future(asyncio.to_thread(proc.wait))
+            if not (await asyncio.wait({reaped}, timeout=left))[0]:
+                return False
         self._release_slots()
         return True
 
