@@ -1,9 +1,11 @@
 """Turn py-spy's collapsed stacks (``--format raw --threads``) into a readable summary.
 
 Each input line is ``thread (TID): NAME;frame;frame;... COUNT`` with frames written
-``function (file:line)``, root first. py-spy leaves idle threads out by default, so the
-samples are time on the CPU (or runnable); at ``rate`` samples per second a sample is
-``1/rate`` s of one thread's time.
+``function (file:line)``, root first; with ``--subprocesses`` a ``process PID:"CMD";``
+comes first for each process from the root down (the image writer process is labelled
+as such). py-spy leaves idle threads out by default, so the samples are time on the CPU
+(or runnable); at ``rate`` samples per second a sample is ``1/rate`` s of one thread's
+time.
 """
 
 from __future__ import annotations
@@ -51,7 +53,14 @@ def parse(text: str) -> list[tuple[str, list[str], int]]:
         if not head or not count.isdigit():
             continue
         parts = head.split(";")
+        writer = False
+        while parts[0].startswith("process ") and len(parts) > 1:
+            # --subprocesses: 'process PID:"CMDLINE"' for each process from the root down.
+            writer = "durable.py" in parts[0]
+            parts = parts[1:]
         tid, _, name = parts[0].partition(":")
+        if writer:  # the image writer process: one thread, which py-spy leaves unnamed
+            name = "image writer process"
         if name.strip():
             names[tid] = name.strip()
         rows.append((tid, name.strip(), parts[1:], int(count)))

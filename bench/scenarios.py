@@ -648,7 +648,7 @@ def profile(ctx: Context, out_dir: Path) -> dict[str, Any]:
         d.mkdir(parents=True)
         cfg = write_zis_config(d / "config.toml", ng.base, d / "data", workers=ctx.workers)
         argv = [
-            str(py_spy), "record", "--nonblocking", "--threads", "--rate", "250",
+            str(py_spy), "record", "--nonblocking", "--threads", "--subprocesses", "--rate", "250",
             "--format", "raw", "--output", str(raw), "--", *zis_argv(cfg),
         ]  # fmt: skip
         t0 = time.perf_counter()
