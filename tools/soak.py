@@ -51,6 +51,7 @@ class Child:
         self.sock.setblocking(False)
         self.proc: asyncio.subprocess.Process | None = None
         self.peak_rss_kb = 0
+        self.killed: list[int] = []  # pids SIGKILLed: their image writers must not outlive them
         self.passes: dict[str, int] = {}
         self.pass_done = asyncio.Event()
         self.last_status = ""
@@ -102,12 +103,26 @@ class Child:
             self.sample_rss()
             self.proc.send_signal(signal.SIGKILL)
             await self.proc.wait()
+            self.killed.append(self.proc.pid)
 
     async def term(self) -> int:
         assert self.proc is not None
         self.sample_rss()
         self.proc.send_signal(signal.SIGTERM)
         return await self.proc.wait()
+
+
+def orphan_writers(killed: list[int]) -> int:
+    """Image writer processes still alive whose daemon was SIGKILLed (argv ends in its pid)."""
+    orphans = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"durable.py") for a in argv) and argv[-2:-1]:
+            orphans += argv[-2].decode() in {str(pid) for pid in killed}
+    return orphans
 
 
 def verify(sim: Simulator, images: Path, state_file: Path) -> dict[str, int]:
@@ -243,6 +258,7 @@ format = "json"
         "faults_injected": injected,
         "catalogue_changes": mutations,
         "exit_code_on_sigterm": code,
+        "orphan_writer_processes": orphan_writers(child.killed),
         "peak_rss_mb": round(child.peak_rss_kb / 1024, 1),
         **result,
     }
@@ -261,6 +277,7 @@ def main() -> int:
     print(json.dumps(summary, indent=2))
     bad = summary["items_lost"] + summary["corrupt_files"] + summary["extra_files"]
     bad += summary["temporaries"] + summary["state_mismatches"]
+    bad += summary["orphan_writer_processes"]
     return 1 if bad or summary["exit_code_on_sigterm"] != 0 else 0
 
 
