@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -104,11 +106,13 @@ async def test_a_killed_process_loses_no_image(tmp_path: Path) -> None:
         results = await asyncio.wait_for(asyncio.gather(*futures), 10)
         later = {"late": _jpeg(3_000)}
         results.append(await writer.submit(tmp_path / "late.jpg", later["late"], "late", ()))
-    assert await writer.aclose()
+        assert await writer.aclose()
     _check(tmp_path, bodies | later, results)
     assert [e["event"] for e in logs if e["log_level"] == "error"] == [
         "image writer process failed; writing in a thread"
     ]
+    ended = [e for e in logs if e["event"] == "image writer process ended"]
+    assert [e["exit_status"] for e in ended] == [-signal.SIGKILL]
 
 
 async def test_a_stuck_process_does_not_hold_close_past_its_deadline(tmp_path: Path) -> None:
@@ -265,21 +269,26 @@ async def test_a_stuck_writer_process_does_not_hold_a_stop_past_its_deadline(
     assert await asyncio.wait_for(spawned.writer.aclose(), 10)
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [b"[[12345, 1, 2]]", b"[[0, 1]]", b"[[0, null]]", b'[[0, "x", 2]]', b"not json"],
+    ids=["unknown id", "short", "short error", "bad mtime", "not json"],
+)
 async def test_a_garbled_answer_hands_its_images_to_the_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: bytes
 ) -> None:
     # A process that answers nonsense (a bug, a version mix-up) must not leave a worker
     # waiting forever: its images are written by the thread, and it is killed.
     fake = tmp_path / "fake_writer.py"
     fake.write_text(
         textwrap.dedent(
-            """
-            import socket, sys, time
+            f"""
+            import socket, sys
             sock = socket.socket(fileno=int(sys.argv[1]))
             sock.recvmsg(1 << 16, socket.CMSG_SPACE(4))
-            sock.send(b"[[12345, 1, 2]]")  # an id nobody sent
-            while True:
-                time.sleep(60)  # killed by the daemon
+            sock.send({answer!r})
+            while sock.recv(1 << 16):  # until the daemon closes its end (or kills it)
+                pass
             """
         )
     )
@@ -291,18 +300,23 @@ async def test_a_garbled_answer_hands_its_images_to_the_thread(
     body = _jpeg(4_000)
     with capture_logs() as logs:
         result = await asyncio.wait_for(writer.submit(out / "1.jpg", body, "1", ()), 10)
+        assert await asyncio.wait_for(writer.aclose(), 10)
     assert "unreadable answer" in next(e["why"] for e in logs if e["log_level"] == "error")
+    assert [e["exit_status"] for e in logs if e["event"] == "image writer process ended"] == [
+        -signal.SIGKILL
+    ]
     _check(out, {"1": body}, [result])
-    assert await asyncio.wait_for(writer.aclose(), 10)
 
 
 async def test_a_full_socket_waits_for_room_and_is_no_failure(tmp_path: Path) -> None:
     # Hundreds of workers and a slow disk: more requests than the socket holds. They wait
     # in order for room; the process is not given up for it, and close waits for them.
     writer, pid = await _running(tmp_path)
+    assert writer._sock is not None
+    writer._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # whatever the host's
     os.kill(pid, signal.SIGSTOP)
     try:
-        bodies = {str(i): _jpeg(200 + i) for i in range(600)}
+        bodies = {str(i): _jpeg(200 + i) for i in range(100)}
         futures = [writer.submit(tmp_path / f"{i}.jpg", b, i, ()) for i, b in bodies.items()]
         assert writer._waiting_for_room  # the socket is full: the case under test
     finally:
@@ -367,4 +381,44 @@ async def test_no_process_means_a_thread_writes(
         _check(tmp_path, bodies, await asyncio.gather(*futures))
     assert writer.pid is None
     assert [e["event"] for e in logs] == ["image writer process did not start; writing in a thread"]
+    assert await writer.aclose()
+
+
+async def test_no_shared_memory_means_a_thread_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first arena (16 slots) exists; a 17th image in flight needs another memfd, and
+    # there is none (EMFILE, a seccomp filter): the thread takes everything, nothing fails.
+    writer, pid = await _running(tmp_path)
+    os.kill(pid, signal.SIGSTOP)
+
+    def no_memfd(*_: object) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    try:
+        monkeypatch.setattr(os, "memfd_create", no_memfd)
+        bodies = {str(i): _jpeg(1_000 + i) for i in range(20)}
+        with capture_logs() as logs:
+            futures = [writer.submit(tmp_path / f"{i}.jpg", b, i, ()) for i, b in bodies.items()]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    _check(tmp_path, bodies, await asyncio.wait_for(asyncio.gather(*futures), 10))
+    assert "no shared memory" in next(e["why"] for e in logs if e["log_level"] == "error")
+    assert await writer.aclose()
+
+
+async def test_a_batch_of_long_failures_is_answered_in_several_packets(tmp_path: Path) -> None:
+    # 64 failures whose names JSON escapes to ~2 KB each: more than one packet can hold.
+    writer, pid = await _running(tmp_path)
+    missing = tmp_path / ("é" * 120) / ("ü" * 120)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        futures = [writer.submit(missing / f"{i}.jpg", _jpeg(100), str(i), ()) for i in range(64)]
+    finally:
+        os.kill(pid, signal.SIGCONT)  # all 64 in one batch
+    with capture_logs() as logs:
+        errors = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(e, FileNotFoundError) for e in errors), errors[:2]
+    assert all(str(missing) in str(e.filename) for e in errors if isinstance(e, OSError))
+    assert writer.pid == pid and not logs  # no failure of the process for it
     assert await writer.aclose()

@@ -251,6 +251,8 @@ def serve(sock_fd: int, parent: int) -> None:
             if req is None:
                 ended = True  # the daemon is done: answer this batch, then exit
                 break
+            if os.getppid() != parent:
+                return  # the daemon is gone: write nothing more
             write(req)
         for folder, indexes in folders.items():
             try:

@@ -190,6 +190,7 @@ class ImageWriter:
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._finished: asyncio.Future[None] | None = None  # the thread's last act sets it
         self._join: asyncio.Future[None] | None = None
 
     def start(self) -> None:
@@ -197,6 +198,7 @@ class ImageWriter:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self._finished = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, name="zis-image-writer", daemon=True)
         self._thread.start()
 
@@ -233,7 +235,10 @@ class ImageWriter:
             if thread is None:
                 return True
             self._queue.put(None)
-            self._join = asyncio.ensure_future(asyncio.to_thread(thread.join))
+            # Not a join in an executor thread: one stuck on the disk would hold up the
+            # event loop's own shutdown (asyncio.run waits for its executor's threads).
+            self._join = self._finished
+        assert self._join is not None
         done, _ = await asyncio.wait({self._join}, timeout=wait_at_most)
         return bool(done)
 
@@ -261,9 +266,16 @@ class ImageWriter:
                     req.result, req.error = None, exc
 
     def _run(self) -> None:
+        loop, finished = self._loop, self._finished
+        assert loop is not None and finished is not None
+        try:
+            self._serve(loop)
+        finally:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting
+                loop.call_soon_threadsafe(_resolve, finished)
+
+    def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
         get, get_nowait = self._queue.get, self._queue.get_nowait
-        loop = self._loop
-        assert loop is not None
         while True:
             first = get()
             if first is None:
@@ -291,6 +303,11 @@ class ImageWriter:
                 return
             if last:
                 return
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class Writer(Protocol):
@@ -392,7 +409,8 @@ class ProcessImageWriter:
         self._unsent: collections.deque[tuple[bytes, _Arena]] = collections.deque()
         self._waiting_for_room = False  # the socket was full: a writer callback is set
         self._answers = bytearray(durable.MAX_ANSWER)
-        self._gone: asyncio.Event | None = None
+        self._gone: asyncio.Event | None = None  # its socket is closed
+        self._exited: asyncio.Event | None = None  # it is reaped
         self._closing = False
         self._broken = False  # the process failed: threads write everything
         self._threads: list[ImageWriter] = []
@@ -408,6 +426,7 @@ class ProcessImageWriter:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._gone = asyncio.Event()
+            self._exited = asyncio.Event()
 
     def _spawn(self) -> None:
         assert self._loop is not None and self._gone is not None
@@ -434,6 +453,23 @@ class ProcessImageWriter:
         ours.setblocking(False)
         self._sock = ours
         self._loop.add_reader(ours.fileno(), self._on_answers)
+        try:  # reaped when it exits, with no thread blocked in wait() (see ImageWriter.aclose)
+            pidfd = os.pidfd_open(self._proc.pid)
+        except (OSError, AttributeError):  # a kernel before 5.3: a thread waits for it
+            waiter = asyncio.ensure_future(asyncio.to_thread(self._proc.wait))
+            waiter.add_done_callback(lambda _: self._on_exit(None))
+            return
+        self._loop.add_reader(pidfd, self._on_exit, pidfd)
+
+    def _on_exit(self, pidfd: int | None) -> None:
+        assert self._loop is not None and self._proc is not None and self._exited is not None
+        if pidfd is not None:
+            self._loop.remove_reader(pidfd)
+            os.close(pidfd)
+        code = self._proc.wait()  # it has exited: no wait
+        if self._broken:
+            log.info("image writer process ended", exit_status=code)
+        self._exited.set()
 
     def _no_process(self, exc: BaseException) -> None:
         assert self._gone is not None
@@ -535,17 +571,32 @@ class ProcessImageWriter:
                 return
 
     def _deliver(self, answer: list[Any]) -> None:
-        sent = self._sent.pop(answer[0])
+        # Read all of it before taking the request out of _sent: a malformed answer raises
+        # here and _child_failed then hands the request, still in _sent, to the thread.
+        rid, mtime_ns, *rest = answer
+        sent = self._sent[rid]
+        result: Committed | None = None
+        error: BaseException | None = None
+        if mtime_ns is not None:
+            (digest,) = rest
+            if not isinstance(mtime_ns, int) or not isinstance(digest, str):
+                raise TypeError(f"answer {answer!r:.100}")
+            result = (mtime_ns, digest)
+        else:
+            errno, text, filename = rest
+            if errno is None:
+                error = RuntimeError(f"image writer process: {text}")
+            else:
+                error = OSError(errno, text, filename)
+        del self._sent[rid]
         self._free.append(sent.slot)
         future = sent.future
         if future.done():  # the waiting worker was cancelled; the file is written anyway
             return
-        if answer[1] is not None:
-            future.set_result((answer[1], answer[2]))
-        elif answer[2] is None:
-            future.set_exception(RuntimeError(f"image writer process: {answer[3]}"))
-        else:
-            future.set_exception(OSError(answer[2], answer[3], answer[4]))
+        if result is not None:
+            future.set_result(result)
+        elif error is not None:
+            future.set_exception(error)
 
     def _ended(self) -> None:
         """The socket reached its end: the process exited (or is about to)."""
@@ -587,8 +638,7 @@ class ProcessImageWriter:
         """Hand every unanswered body (still in its slot) to a thread; use it from now on."""
         proc = self._proc
         if not self._broken:
-            code = None if proc is None else proc.poll()
-            log.error("image writer process failed; writing in a thread", why=why, exit=code)
+            log.error("image writer process failed; writing in a thread", why=why)
         self._broken = True
         if proc is not None and proc.returncode is None:
             # What it still holds is written again by the thread; it must not write too.
@@ -636,12 +686,13 @@ class ProcessImageWriter:
             left = None if deadline is None else max(0.0, deadline - loop.time())
             if not await thread.aclose(left):
                 return False
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            # Its socket has closed: it is exiting (or was killed). Reap it.
+        if self._proc is not None:
+            # Its socket has closed: it is exiting (or was killed). Wait until it is reaped.
+            assert self._exited is not None
             left = None if deadline is None else max(0.0, deadline - loop.time())
-            reaped = asyncio.ensure_future(asyncio.to_thread(proc.wait))
-            if not (await asyncio.wait({reaped}, timeout=left))[0]:
+            exited = asyncio.ensure_future(self._exited.wait())
+            if not (await asyncio.wait({exited}, timeout=left))[0]:
+                exited.cancel()
                 return False
         self._release_slots()
         return True
