@@ -583,11 +583,11 @@ class ProcessImageWriter:
                 raise TypeError(f"answer {answer!r:.100}")
             result = (mtime_ns, digest)
         else:
-            errno, text, filename = rest
-            if errno is None:
+            code, text, filename = rest
+            if code is None:
                 error = RuntimeError(f"image writer process: {text}")
             else:
-                error = OSError(errno, text, filename)
+                error = OSError(code, text, filename)
         del self._sent[rid]
         self._free.append(sent.slot)
         future = sent.future
