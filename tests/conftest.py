@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -237,3 +238,16 @@ def stuck_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[StuckDisk]:
     monkeypatch.setattr(storage, "WRITER_PROCESS", False)  # the patch reaches this process only
     yield disk
     disk.release.set()
+
+
+async def stop_with_writes_held(service: Service, task: asyncio.Task[Any], sim: Simulator) -> None:
+    """Both workers hold two images each with a writer that does not move: a stop must
+    still end the pass within the drain deadline (0.5 s in the config), as interrupted,
+    with no image counted."""
+    await asyncio.wait_for(sim.wait_api_requests(1 + 4), 10)
+    t0 = time.monotonic()
+    service.handle_term()
+    report, code = await asyncio.wait_for(task, 10)
+    assert time.monotonic() - t0 < 3
+    assert code == 75 and report["status"] == "interrupted"
+    assert report["statistics"]["images_downloaded"] == 0
