@@ -443,10 +443,12 @@ def profile_section(data: dict[str, Any]) -> list[str]:
     return [
         "## 5. Work per image",
         "",
-        f"py-spy (`record --threads --nonblocking --rate 250`, idle threads excluded) over one "
-        f"scenario-1 pass of {data['images']:,} images. Full summary in `bench/PROFILE.txt`, "
-        "collapsed stacks in `bench/profile-collapsed.txt`. 'ms / 1k' is thread time on the "
-        "CPU per 1,000 images.",
+        "py-spy (`record --threads --subprocesses --nonblocking --rate 250`, idle threads "
+        f"excluded) over one scenario-1 pass of {data['images']:,} images, the daemon and its "
+        "image writer process. Full summary in `bench/PROFILE.txt`, collapsed stacks in "
+        "`bench/profile-collapsed.txt`. 'ms / 1k' is thread time on the CPU per 1,000 images; "
+        "py-spy counts the writer's wait for its next request (`recvmsg`) as busy, so its "
+        "share is an upper bound (its CPU is in the scenario-1 table).",
         "",
         "By thread:",
         "",
