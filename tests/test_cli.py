@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,13 @@ async def test_sigterm_then_one_sigint_still_drains(make_sim: SimFactory, tmp_pa
     assert proc.returncode == 75  # once, interrupted: drained and saved
     assert json.loads(out)["reason"] == "signal"
     assert not [p for p in (tmp_path / "data" / "images" / "item").iterdir()]
+
+
+def test_garbage_collection_is_on_once_the_command_line_is_imported() -> None:
+    # cli.py turns it off for its imports only (a faster start); a daemon without it
+    # would grow with every cycle it leaves behind.
+    code = "import gc, zoho_image_sync.cli; print(gc.isenabled(), gc.get_threshold()[0] > 0)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split() == ["True", "True"]

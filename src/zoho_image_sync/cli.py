@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+
+# No garbage collection while the imports below allocate (~200 ms of them, aiohttp's
+# included): they leave nothing cyclic to free, and the collections cost 20-40 ms of every
+# start. Enabled again right after them.
+gc.disable()
+
 import argparse
 import asyncio
 import contextlib
@@ -39,6 +46,8 @@ from .loop import run as run_loop
 from .service import Daemon, Service, failed_report
 from .state import State, StateCorrupt
 from .storage import write_bytes_atomic
+
+gc.enable()
 
 log = structlog.get_logger("zoho_image_sync")
 
