@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from daemon_harness import Daemon, free_port
-from zoho_image_sync import storage
+from zoho_image_sync import durable, storage
 from zoho_image_sync.config import Config
 from zoho_image_sync.service import Service
 from zoho_image_sync.simulator import DEMO_CREDS_ENV, SimConfig, Simulator
@@ -227,14 +227,14 @@ class StuckDisk:
 def stuck_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[StuckDisk]:
     """A disk that does not move until the test says so; released at teardown."""
     disk = StuckDisk()
-    real = storage._commit_bytes
+    real = durable.commit_bytes
 
     def held(*args: Any) -> Any:
         disk.entered.set()
         disk.release.wait(30)
         return real(*args)
 
-    monkeypatch.setattr(storage, "_commit_bytes", held)
+    monkeypatch.setattr(durable, "commit_bytes", held)
     monkeypatch.setattr(storage, "WRITER_PROCESS", False)  # the patch reaches this process only
     yield disk
     disk.release.set()

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import StuckDisk
-from zoho_image_sync import storage
+from zoho_image_sync import durable
 from zoho_image_sync.storage import (
     ITEM_ID_RE,
     TMP_PREFIX,
@@ -126,14 +126,14 @@ async def test_writer_group_commits_one_folder_fsync_per_batch(
 ) -> None:
     # The first write is held until 39 more are queued: they must go out as one batch,
     # with one folder fsync and one loop wake-up, and every file exact.
-    real_fsync = storage.fsync_dir
+    real_fsync = durable.fsync_dir
     fsyncs: list[Path] = []  # the writer passes folder names as strings
 
     def counted_fsync(folder: Path | str) -> None:
         fsyncs.append(Path(folder))
         real_fsync(folder)
 
-    monkeypatch.setattr(storage, "fsync_dir", counted_fsync)
+    monkeypatch.setattr(durable, "fsync_dir", counted_fsync)
     (tmp_path / "3.png").write_bytes(b"stale image of another type")
     writer = ImageWriter()
     writer.start()

@@ -37,7 +37,6 @@ from . import durable
 from .durable import (
     EXTENSIONS,
     TMP_PREFIX,
-    commit_bytes,
     fsync_dir,
     remove_item_images,
     replace_durably,
@@ -130,15 +129,6 @@ def split_image_name(name: str) -> tuple[str, str] | None:
 Committed = tuple[int, str]  # the file's mtime_ns and its content's sha256
 
 
-def _commit_bytes(
-    final: str, data: bytes, item_id: str, stale: Iterable[str], sync_folder: bool = True
-) -> Committed:
-    """Hash, write durably, drop the stale extensions (blocking); off the event loop: the
-    hash chunk by chunk on the loop showed in the profile, and so did a thread hop per stat.
-    """
-    return commit_bytes(final, data, item_id, stale, sync_folder)
-
-
 def _place_spilled(tmp: Path, final: str, item_id: str, stale: Iterable[str]) -> os.stat_result:
     """Put a spilled (already fsynced) temporary in place; one thread hop (blocking)."""
     # The same mode as the small-image path, whatever the umask: the ERP reads these.
@@ -153,7 +143,6 @@ def _place_spilled(tmp: Path, final: str, item_id: str, stale: Iterable[str]) ->
 @dataclass(slots=True)
 class _Request:
     final: str
-    folder: str
     data: bytes
     item_id: str
     stale: tuple[str, ...]
@@ -191,7 +180,7 @@ class ImageWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._finished: asyncio.Future[None] | None = None  # the thread's last act sets it
-        self._join: asyncio.Future[None] | None = None
+        self._closing = False
 
     def start(self) -> None:
         """Start the thread (call from the event loop that will await the commits)."""
@@ -208,19 +197,13 @@ class ImageWriter:
         data: bytes,
         item_id: str,
         stale: tuple[str, ...],
-        folder: str | None = None,
     ) -> asyncio.Future[Committed]:
-        """Queue ``data`` for ``final``; the future gives its stat and sha256 once durable.
-
-        ``folder``: ``final``'s folder, when the caller has it at hand.
-        """
+        """Queue ``data`` for ``final``; the future gives its mtime and sha256 once durable."""
         if self._thread is None or self._loop is None:
             raise RuntimeError("ImageWriter.submit before start()")
         future: asyncio.Future[Committed] = self._loop.create_future()
         final = os.fspath(final)
-        if folder is None:
-            folder = os.path.dirname(final)
-        self._queue.put(_Request(final, folder, data, item_id, stale, future))
+        self._queue.put(_Request(final, data, item_id, stale, future))
         return future
 
     async def aclose(self, wait_at_most: float | None = None) -> bool:
@@ -230,40 +213,33 @@ class ImageWriter:
         not hold a shutdown past its deadline. Its late results are still delivered, and
         another ``aclose`` waits for the rest.
         """
-        if self._join is None:
-            thread, self._thread = self._thread, None
-            if thread is None:
-                return True
+        if self._finished is None:
+            return True  # never started
+        if not self._closing:
+            self._closing = True
+            self._thread = None  # it takes no more images
             self._queue.put(None)
-            # Not a join in an executor thread: one stuck on the disk would hold up the
-            # event loop's own shutdown (asyncio.run waits for its executor's threads).
-            self._join = self._finished
-        assert self._join is not None
-        done, _ = await asyncio.wait({self._join}, timeout=wait_at_most)
+        # Not a join in an executor thread: one stuck on the disk would hold up the event
+        # loop's own shutdown (asyncio.run waits for its executor's threads).
+        done, _ = await asyncio.wait({self._finished}, timeout=wait_at_most)
         return bool(done)
 
     @property
     def closing(self) -> bool:
         """``aclose`` was called: it takes no more images."""
-        return self._join is not None
+        return self._closing
 
     @staticmethod
     def _write_batch(batch: list[_Request]) -> None:
-        folders: dict[str, list[_Request]] = {}
+        group = durable.Batch()
         for req in batch:
-            try:
-                req.result = _commit_bytes(req.final, req.data, req.item_id, req.stale, False)
-            except Exception as exc:  # delivered to the worker that waits for it
-                req.error = exc
-            else:
-                folders.setdefault(req.folder, []).append(req)
+            group.write(req.final, req.data, req.item_id, req.stale)
             req.data = b""
-        for folder, reqs in folders.items():
-            try:
-                fsync_dir(folder)
-            except OSError as exc:
-                for req in reqs:
-                    req.result, req.error = None, exc
+        for req, result in zip(batch, group.sync(), strict=True):
+            if isinstance(result, Exception):
+                req.error = result
+            else:
+                req.result = result
 
     def _run(self) -> None:
         loop, finished = self._loop, self._finished
@@ -321,7 +297,6 @@ class Writer(Protocol):
         data: bytes,
         item_id: str,
         stale: tuple[str, ...],
-        folder: str | None = None,
     ) -> asyncio.Future[Committed]: ...
 
     async def aclose(self, wait_at_most: float | None = None) -> bool: ...
@@ -378,7 +353,6 @@ class _Sent:
     final: str
     item_id: str
     stale: tuple[str, ...]
-    folder: str
     future: asyncio.Future[Committed]
 
 
@@ -483,18 +457,15 @@ class ProcessImageWriter:
         data: bytes,
         item_id: str,
         stale: tuple[str, ...],
-        folder: str | None = None,
     ) -> asyncio.Future[Committed]:
         """Queue ``data`` for ``final``; the future gives its mtime and sha256 once durable."""
         if self._loop is None:
             raise RuntimeError("ProcessImageWriter.submit before start()")
         final = os.fspath(final)
-        if folder is None:
-            folder = os.path.dirname(final)
         if self._proc is None and not self._broken and not self._closing:
             self._spawn()
         if self._broken or self._closing or len(data) > self.slot_bytes:
-            return self._thread().submit(final, data, item_id, stale, folder)
+            return self._thread().submit(final, data, item_id, stale)
         if self._free:
             slot = self._free.pop()
         else:
@@ -502,12 +473,12 @@ class ProcessImageWriter:
                 slot = self._new_slot()
             except OSError as exc:  # no memfd (a seccomp filter), no memory, no fd left
                 self._child_failed(f"no shared memory: {exc}")
-                return self._thread().submit(final, data, item_id, stale, folder)
+                return self._thread().submit(final, data, item_id, stale)
         length = len(data)
         slot.arena.mm[slot.offset : slot.offset + length] = data
         future: asyncio.Future[Committed] = self._loop.create_future()
         rid = next(self._ids)
-        self._sent[rid] = _Sent(slot, length, final, item_id, stale, folder, future)
+        self._sent[rid] = _Sent(slot, length, final, item_id, stale, future)
         packet = self._head.pack(rid, slot.arena.index, slot.offset, length) + b"\0".join(
             (os.fsencode(final), item_id.encode(), ",".join(stale).encode())
         )
@@ -651,7 +622,7 @@ class ProcessImageWriter:
             if s.future.done():
                 continue
             body = s.slot.arena.mm[s.slot.offset : s.slot.offset + s.length]
-            again = thread.submit(s.final, body, s.item_id, s.stale, s.folder)
+            again = thread.submit(s.final, body, s.item_id, s.stale)
             again.add_done_callback(functools.partial(_chain, s.future))
 
     def _thread(self) -> ImageWriter:
@@ -795,7 +766,7 @@ class ImageSink:
         Pass the future's result to ``committed`` once it is done.
         """
         final, data, stale_exts = self._take_buffer(ext, stale)
-        return final, writer.submit(final, data, self.item_id, stale_exts, self._folder)
+        return final, writer.submit(final, data, self.item_id, stale_exts)
 
     def _take_buffer(
         self, ext: str, stale: Iterable[str] | None
@@ -817,7 +788,7 @@ class ImageSink:
         if self._file is None:
             final, data, stale_exts = self._take_buffer(ext, stale)
             self.mtime_ns, self._digest = await asyncio.to_thread(
-                _commit_bytes, final, data, self.item_id, stale_exts
+                durable.commit_bytes, final, data, self.item_id, stale_exts, True
             )
             return final
         final = image_path(self._folder, self.item_id, ext)
