@@ -236,3 +236,23 @@ def test_garbage_collection_is_on_once_the_command_line_is_imported() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_start_up_objects_are_frozen_and_later_cycles_still_collected() -> None:
+    code = (
+        "import gc, weakref, zoho_image_sync.cli\n"
+        "frozen = gc.get_freeze_count()\n"
+        "class Node: pass\n"
+        "a, b = Node(), Node()\n"
+        "a.other, b.other = b, a\n"
+        "gone = weakref.ref(a)\n"
+        "del a, b\n"
+        "gc.collect()\n"
+        "print(frozen, gone() is None)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    frozen, collected = out.stdout.split()
+    assert int(frozen) > 10_000  # the imports' objects (~38,000 here)
+    assert collected == "True"

@@ -6,7 +6,10 @@ import gc
 
 # No garbage collection while the imports below allocate (~200 ms of them, aiohttp's
 # included): they leave nothing cyclic to free, and the collections cost 20-40 ms of every
-# start. Enabled again right after them.
+# start. Enabled again right after them, with what they built frozen (gc.freeze): modules,
+# classes and functions live as long as the process, so no collection ever traverses them
+# again, neither the first one (~13 ms), nor those during a pass, nor the last at exit
+# (~22 ms). Cycles made after this are collected as before.
 gc.disable()
 
 import argparse
@@ -47,6 +50,7 @@ from .service import Daemon, Service, failed_report
 from .state import State, StateCorrupt
 from .storage import write_bytes_atomic
 
+gc.freeze()
 gc.enable()
 
 log = structlog.get_logger("zoho_image_sync")
