@@ -80,6 +80,7 @@ def replace_durably(
     (the image writers do one per batch).
     """
     folder, name = os.path.split(os.fspath(final))
+    folder = folder or os.curdir  # a bare file name ("out.json") is in the current folder
     tmp = f"{folder}{os.sep}{TMP_PREFIX}{name}-{unique()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
