@@ -77,6 +77,12 @@ async def test_once_status_export_and_no_secret_leaks(make_sim: SimFactory, tmp_
     assert export.returncode == 0
     assert json.loads(export.stdout) == {"written": 300, "path": str(out)}
     records = json.loads(out.read_text())
+    # A bare file name is in the current folder (its temporary too, not in /).
+    bare = cli("-c", str(cfg), "export", "--out", "bare.json", cwd=out.parent)
+    assert bare.returncode == 0, bare.stderr[-2000:]
+    assert json.loads(bare.stdout) == {"written": 300, "path": "bare.json"}
+    assert json.loads((out.parent / "bare.json").read_text()) == records
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bare.json", "records.json"]
     by_id = {r["zoho_item_id"]: r for r in records}
     good = sim.item_ids_with_images()[1]
     assert by_id[good]["image_path"] == f"images/item/{good}.jpg"
@@ -115,6 +121,10 @@ def test_bad_config_exits_78_naming_the_key(tmp_path: Path) -> None:
     proc = cli("-c", str(cfg), "once", env=CREDS_ENV)
     assert proc.returncode == 78
     assert "download.workers" in proc.stderr
+    # once's stdout is always a pass report, here a failed one naming the key.
+    report = json.loads(proc.stdout)
+    assert report["status"] == "failed"
+    assert "download.workers" in report["reason"]
 
 
 def test_second_instance_on_the_same_state_refuses(tmp_path: Path) -> None:

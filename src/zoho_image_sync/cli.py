@@ -205,8 +205,13 @@ def _with_progress(service: Service, coro: Coroutine[Any, Any, Any]) -> Coroutin
 
 
 def cmd_once(args: argparse.Namespace, redactor: Redactor) -> int:
-    """``once``."""
-    cfg = _load(args, redactor)
+    """``once``; its stdout is a pass report even when the configuration is unusable."""
+    try:
+        cfg = _load(args, redactor)
+    except ConfigError as exc:
+        log.error("configuration unusable", key=exc.key, error=exc.why)
+        emit(failed_report(str(exc)))
+        return EX_CONFIG
     return _run_once(cfg, redactor)
 
 
