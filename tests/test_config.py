@@ -64,6 +64,11 @@ def test_data_centres() -> None:
         ("[zoho]\ndata_center = 'mars'\n", "zoho.data_center"),
         ("[zoho]\norganization_id = ''\n", "zoho.organization_id"),
         ("[zoho]\nimage_endpoint = 'crm'\n", "zoho.image_endpoint"),
+        ("[source]\nimage_endpoint = 'crm'\n", "source.image_endpoint"),
+        (
+            "[zoho]\nimage_endpoint = 'books'\n[source]\nimage_endpoint = 'inventory'\n",
+            "source.image_endpoint",
+        ),
         ("[http]\nlisten = 'nowhere'\n", "http.listen"),
         ("[log]\nlevel = 'loud'\n", "log.level"),
         ("[source]\nkind = 'file'\n", "source.items_file"),
@@ -129,3 +134,12 @@ def test_workers_range_is_enforced(n: int) -> None:
     else:
         with pytest.raises(ConfigError, match=r"download\.workers"):
             Config.from_mapping(data, Path("/x"), env=ENV)
+
+
+def test_image_endpoint_where_the_contract_example_puts_it(tmp_path: Path) -> None:
+    # CONTRACT.md's example has image_endpoint after url_map, i.e. in [source].
+    text = "[source]\nkind = 'zoho'\nurl_map = ''\n\nimage_endpoint = 'books'\n"
+    assert load(write(tmp_path, text), env=ENV).zoho.image_endpoint == "books"
+    both = "[zoho]\nimage_endpoint = 'books'\n[source]\nimage_endpoint = 'books'\n"
+    assert load(write(tmp_path, both), env=ENV).zoho.image_endpoint == "books"
+    assert load(write(tmp_path, "[source]\n"), env=ENV).zoho.image_endpoint == "inventory"

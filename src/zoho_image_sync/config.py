@@ -204,9 +204,14 @@ DEFAULTS: Final[dict[str, dict[str, Any]]] = {
     "log": {"level": "info", "format": "auto"},
 }
 
+# The contract's example config has image_endpoint under [source]; it is read there too
+# (same meaning as under [zoho]; both given must agree).
+ALIASES: Final[dict[str, str]] = {"source.image_endpoint": "zoho.image_endpoint"}
+
 CHOICES: Final[dict[str, tuple[str, ...]]] = {
     "zoho.data_center": tuple(DATA_CENTERS),
     "zoho.image_endpoint": ("inventory", "books"),
+    "source.image_endpoint": ("inventory", "books"),
     "source.kind": ("zoho", "file"),
     "log.level": tuple(LEVELS),
     "log.format": ("json", "console", "auto"),
@@ -336,12 +341,27 @@ def _validate(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         specs = {f.name: f.metadata for f in fields(_SECTION_TYPES[section])}
         for key, value in values.items():
             name = f"{section}.{key}"
+            if name in ALIASES:
+                _alias(data, name, value, merged)
+                continue
             if key not in DEFAULTS[section]:
                 raise ConfigError(name, f"unknown key (known: {', '.join(DEFAULTS[section])})")
             merged[section][key] = _check_value(
                 name, value, DEFAULTS[section][key], specs.get(key, {})
             )
     return merged
+
+
+def _alias(
+    data: Mapping[str, Any], name: str, value: Any, merged: dict[str, dict[str, Any]]
+) -> None:
+    target = ALIASES[name]
+    section, key = target.split(".")
+    value = _check_value(name, value, DEFAULTS[section][key], {})
+    given = data.get(section)
+    if isinstance(given, Mapping) and key in given and given[key] != value:
+        raise ConfigError(name, f"{value!r} conflicts with {target} = {given[key]!r}")
+    merged[section][key] = value
 
 
 def _check_value(name: str, value: Any, default: Any, meta: Mapping[str, Any]) -> Any:
