@@ -54,6 +54,45 @@ def test_demo_runs_with_no_credentials(tmp_path: Path) -> None:
     assert '"tokens_minted": 0' in again.stderr
 
 
+def test_demo_with_a_production_config_touches_neither_its_storage_nor_its_secrets(
+    tmp_path: Path,
+) -> None:
+    prod = tmp_path / "prod"
+    (prod / "images" / "item").mkdir(parents=True)
+    (prod / "images" / "item" / "123.jpg").write_bytes(b"\xff\xd8\xff real image")
+    (prod / "state.json").write_text('{"items": {}}')
+    before = sorted((p.relative_to(prod), p.read_bytes()) for p in prod.rglob("*") if p.is_file())
+    cfg = write_toml(
+        tmp_path / "production.toml",
+        {
+            "storage": {
+                "images_dir": str(prod / "images" / "item"),
+                "state_file": str(prod / "state.json"),
+            }
+        },
+    )  # accounts_url unset: the real Zoho
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "client_secret").write_text("real0systemd0secret")
+    work = tmp_path / "work"
+    work.mkdir()
+    real = {
+        "ZOHO_CLIENT_ID": "1000.REALCLIENT",
+        "ZOHO_CLIENT_SECRET": "real0env0secret",
+        "ZOHO_REFRESH_TOKEN": "1000.real0refresh",
+        "CREDENTIALS_DIRECTORY": str(creds),
+    }
+    proc = cli("-c", str(cfg), "demo", env=real, cwd=work, timeout=120)
+    # The simulator accepts only its own credentials: success means none of these were used.
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["statistics"]["images_downloaded"] == 1605
+    assert len(list((work / "demo-data" / "images" / "item").iterdir())) == 1605
+    after = sorted((p.relative_to(prod), p.read_bytes()) for p in prod.rglob("*") if p.is_file())
+    assert after == before
+    for secret in ("real0systemd0secret", "real0env0secret", "1000.real0refresh", "REALCLIENT"):
+        assert secret not in proc.stderr + proc.stdout
+
+
 async def test_once_status_export_and_no_secret_leaks(make_sim: SimFactory, tmp_path: Path) -> None:
     sim = await make_sim(**SMALL)
     victim = sim.item_ids_with_images()[0]

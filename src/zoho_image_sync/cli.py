@@ -351,6 +351,14 @@ def cmd_simulate(args: argparse.Namespace, redactor: Redactor) -> int:
     return EX_OK
 
 
+def _on_loopback(url: str) -> bool:
+    """Whether ``url`` names this machine (a simulator), not Zoho."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname if url else None
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -373,20 +381,33 @@ def cmd_demo(args: argparse.Namespace, redactor: Redactor) -> int:
         Simulator,
     )
 
-    env = dict(os.environ)
-    env.setdefault("ZOHO_CLIENT_ID", DEMO_CLIENT_ID)
-    env.setdefault("ZOHO_CLIENT_SECRET", DEMO_CLIENT_SECRET)
-    env.setdefault("ZOHO_REFRESH_TOKEN", DEMO_REFRESH_TOKEN)
-    if Path(args.config).exists():
-        cfg = _load(args, redactor, env)
-    else:
+    # Always the simulator's own credentials: real ones (environment, systemd credentials)
+    # are never sent, not even to the local simulator.
+    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    env["ZOHO_CLIENT_ID"] = DEMO_CLIENT_ID
+    env["ZOHO_CLIENT_SECRET"] = DEMO_CLIENT_SECRET
+    env["ZOHO_REFRESH_TOKEN"] = DEMO_REFRESH_TOKEN
+    root: Path | None = Path(args.dir).resolve() if args.dir else None
+    cfg = _load(args, redactor, env) if Path(args.config).exists() else None
+    if cfg is not None and not _on_loopback(cfg.zoho.accounts_url):
+        # A configuration for the real Zoho: its images and state are a production mirror,
+        # which a simulated catalogue must never touch (nor remove from), and its limits
+        # are Zoho's (a 16-minute demo). The demo runs on its own settings instead.
+        if root is None:
+            root = Path("demo-data").resolve()
+        log.warning(
+            "the configuration is for Zoho itself: demo leaves it and its storage alone",
+            config=str(args.config),
+            dir=str(root),
+        )
+        cfg = None
+    if cfg is None:
         cfg = Config.from_mapping(
             {"limits": {"requests_per_minute": 6000, "daily_request_budget": 100_000}},
             Path.cwd(),
             env=env,
         )
-    if args.dir:
-        root = Path(args.dir).resolve()
+    if root is not None:
         cfg = dataclasses.replace(
             cfg,
             storage=dataclasses.replace(
