@@ -232,9 +232,14 @@ def test_catalogue_items_read_as_before_for_odd_ids_and_nulls() -> None:
     assert item({"item_id": Sub("123")}).item_id == "123"
     assert item({"item_id": 42, "name": 7}).item_id == "42"
     assert item({"item_id": True}).item_id == ""  # a bool is not an id
-    # An explicit null stays null: no fallback to the ERP export's field names.
-    assert item({"item_id": None, "zoho_item_id": "9"}).item_id == ""
+    # The ERP export's zoho_item_id wins over an item_id of the ERP's own; either one
+    # missing, null or empty leaves the other.
+    assert item({"item_id": "ERP-7", "zoho_item_id": "9"}).item_id == "9"
+    assert item({"item_id": None, "zoho_item_id": "9"}).item_id == "9"
+    assert item({"item_id": "5", "zoho_item_id": None}).item_id == "5"
+    assert item({"item_id": "5", "zoho_item_id": ""}).item_id == "5"
     assert item({"zoho_item_id": "9"}).item_id == "9"
+    assert item({"zoho_item_id": None}).item_id == ""
     got = item({"item_id": "1", "name": None, "name_en": "N", "sku": None, "code": "C"})
     assert (got.name, got.sku) == ("", "")
     got = item({"item_id": "1", "name_en": "N", "code": "C", "image_name": 5})

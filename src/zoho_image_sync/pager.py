@@ -40,9 +40,12 @@ class CatalogueItem:
     def from_zoho(cls, raw: Mapping[str, Any]) -> CatalogueItem:
         """From an item of the Inventory items list (or the ERP's export shape)."""
         get = raw.get
-        item_id = get("item_id", _MISSING)
-        if item_id is _MISSING:
-            item_id = get("zoho_item_id")
+        # The ERP's export names Zoho's id zoho_item_id, and may carry an item_id of its
+        # own: zoho_item_id wins when it has a value (the contract's order, and the key
+        # export's merge matches on). Zoho's items list has item_id only.
+        item_id = get("zoho_item_id")
+        if item_id is None or item_id == "":
+            item_id = get("item_id")
         if type(item_id) is not str:
             if isinstance(item_id, bool) or not isinstance(item_id, str | int):
                 item_id = ""  # missing, null, or not an id at all: refused as bad_item_id
