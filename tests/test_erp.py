@@ -297,6 +297,30 @@ async def test_incremental_pass_asks_only_for_modified_items(
         await service.shutdown()
 
 
+async def test_incremental_pass_restores_a_deleted_image_of_an_unmodified_item(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim()
+    cfg = make_config(sim, sync={"full_rescan_every": 24})
+    service = Service(cfg)
+    await service.startup()
+    try:
+        await service.run_pass(allow_incremental=True)  # the first is a full scan
+        gone = sim.item_ids_with_images()[2]
+        (cfg.storage.images_dir / f"{gone}.jpg").unlink()
+        sim.reset_log()
+        report = await service.run_pass(allow_incremental=True)
+        assert "incremental" in report
+        assert (cfg.storage.images_dir / f"{gone}.jpg").read_bytes() == sim.image_bytes(gone)
+        images = [r for r in sim.records if r.endpoint == "image"]
+        assert len(images) == 1 and gone in images[0].path
+        st = report["statistics"]
+        assert (st["updated"], st["images_downloaded"], st["errors"]) == (1, 1, 0)
+        assert service.state is not None and service.state.get(gone)["status"] == "downloaded"
+    finally:
+        await service.shutdown()
+
+
 async def test_books_endpoint_serves_when_the_inventory_scope_is_missing(
     make_sim: SimFactory, make_config: Any
 ) -> None:

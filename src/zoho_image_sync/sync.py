@@ -347,11 +347,19 @@ class SyncPass:
         await self._put(Job(item, url, identity, prev, base, verify_only=same, on_disk=on_disk))
 
     async def _retry_unlisted(self) -> None:
-        """Incremental passes list only modified items: retry our failed and pending ones too."""
+        """Incremental passes list only modified items: retry our failed and pending ones
+        too, and restore downloaded images whose file is gone (the pass-start scan)."""
+        on_disk = self._on_disk
         again = [
             (item_id, e)
             for item_id, e in self.state.items.items()
-            if item_id not in self._seen and e.get("status") in ("failed", "pending")
+            if item_id not in self._seen
+            and (
+                e.get("status") in ("failed", "pending")
+                or (
+                    e.get("status") == "downloaded" and e.get("ext") not in on_disk.get(item_id, ())
+                )
+            )
         ]
         for item_id, e in again:
             if self._stop.is_set():
