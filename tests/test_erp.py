@@ -316,7 +316,9 @@ async def test_incremental_pass_restores_a_deleted_image_of_an_unmodified_item(
         assert len(images) == 1 and gone in images[0].path
         st = report["statistics"]
         assert (st["updated"], st["images_downloaded"], st["errors"]) == (1, 1, 0)
-        assert service.state is not None and service.state.get(gone)["status"] == "downloaded"
+        assert service.state is not None
+        entry = service.state.get(gone)
+        assert entry is not None and entry["status"] == "downloaded"
     finally:
         await service.shutdown()
 
