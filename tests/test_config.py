@@ -118,10 +118,22 @@ def test_missing_credential_names_the_key(tmp_path: Path) -> None:
 
 def test_secrets_never_show_in_repr(tmp_path: Path) -> None:
     p = write(tmp_path, "[zoho]\nclient_secret = 'file-secret-xyz'\n")
-    cfg = load(p, env=ENV)
-    for text in (repr(cfg), str(cfg), repr(cfg.credentials), repr(cfg.zoho), f"{cfg.credentials}"):
-        for secret in ("file-secret-xyz", "cid-123456", "ref-123456"):
-            assert secret not in text
+    from_env = load(p, env=ENV)  # the environment wins: sec-123456 is the one in use
+    no_env_secret = {k: v for k, v in ENV.items() if k != "ZOHO_CLIENT_SECRET"}
+    from_file = load(p, env=no_env_secret)  # now the file's secret is the one in use
+    assert from_env.credentials.client_secret.reveal() == "sec-123456"
+    assert from_file.credentials.client_secret.reveal() == "file-secret-xyz"
+    for cfg in (from_env, from_file):
+        for text in (
+            repr(cfg),
+            str(cfg),
+            repr(cfg.credentials),
+            str(cfg.credentials),
+            repr(cfg.zoho),
+            f"{cfg.credentials}",
+        ):
+            for secret in ("file-secret-xyz", *ENV.values()):
+                assert secret not in text
     s = Secret("hunter2-long")
     assert "hunter2" not in repr(s) + str(s) + f"{s}" + f"{s!r}"
 
