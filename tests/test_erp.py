@@ -86,6 +86,8 @@ async def test_items_file_downloads_exactly_the_valid_records(
     # The other host was asked without a token, the Zoho host with one.
     assert cdn.stats()["requests"].get("external", {}).get("200") == 5
     assert sim.stats()["requests"]["image"]["200"] == 1600
+    assert cdn.records and not any(r.authorized for r in cdn.records)
+    assert all(r.authorized for r in sim.records if r.endpoint in ("image", "items"))
     assert not (tmp_path / "etc").exists()
 
 
@@ -135,14 +137,20 @@ async def redirector(
 
     async def to_image(request: web.Request) -> web.Response:
         hits[request.path] += 1
+        if "Authorization" in request.headers:  # never sent off Zoho: fails the hits check
+            hits["authorized"] += 1
         raise web.HTTPFound(cdn.base_url + "/ext/img.jpg")
 
     async def to_file(request: web.Request) -> web.Response:
         hits[request.path] += 1
+        if "Authorization" in request.headers:  # never sent off Zoho: fails the hits check
+            hits["authorized"] += 1
         raise web.HTTPFound("file:///etc/passwd")
 
     async def loop(request: web.Request) -> web.Response:
         hits[request.path] += 1
+        if "Authorization" in request.headers:  # never sent off Zoho: fails the hits check
+            hits["authorized"] += 1
         raise web.HTTPFound(str(request.url))
 
     base = await http_server(
@@ -171,6 +179,7 @@ async def test_redirects_only_to_http_and_at_most_five(
     assert "only http and https" in details[b]
     # The loop's first request and five redirects followed, then it stops: no retries.
     assert hits == {"/ok": 1, "/file": 1, "/loop": 6}
+    assert cdn.records and not any(r.authorized for r in cdn.records)  # the redirect target
     assert (cfg.storage.images_dir / f"{a}.jpg").read_bytes() == cdn.image_bytes(
         cdn.item_ids_with_images()[0]
     )

@@ -866,7 +866,9 @@ async def test_request_log_and_stats(make_harness: MakeHarness) -> None:
         zoho_code=0,
         bytes_sent=records[1].bytes_sent,
         fault=None,
+        authorized=True,  # the harness sends the token
     )
+    assert records[0].authorized is False  # the token request: credentials in the form
     assert records[2].item_id == item_id and records[2].bytes_sent == size
     assert records[2].t == 1_002.0 and records[3].zoho_code == 1002
     assert records[2].to_dict()["endpoint"] == "image"

@@ -45,6 +45,7 @@ class _Call:
     zoho_code: int | None = None
     bytes_sent: int = 0
     fault: str | None = None
+    authorized: bool = False
 
     def record(self) -> RequestRecord:
         return RequestRecord(**asdict(self))
@@ -274,7 +275,13 @@ class Simulator:
     # Request plumbing
 
     def _begin(self, request: web.Request, endpoint: str, item_id: str | None = None) -> _Call:
-        return _Call(t=self._clock(), endpoint=endpoint, path=request.path, item_id=item_id)
+        return _Call(
+            t=self._clock(),
+            endpoint=endpoint,
+            path=request.path,
+            item_id=item_id,
+            authorized="Authorization" in request.headers,
+        )
 
     def _finish(self, call: _Call) -> None:
         record = call.record()

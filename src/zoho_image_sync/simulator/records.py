@@ -31,6 +31,7 @@ class RequestRecord:
     zoho_code: int | None
     bytes_sent: int
     fault: str | None
+    authorized: bool = False  # the request carried an Authorization header
 
     @property
     def is_api(self) -> bool:
