@@ -181,6 +181,60 @@ async def test_an_item_gone_from_zoho_is_removed_after_two_full_scans(
     assert_mirror(sim, cfg.storage.images_dir)
 
 
+def _images_held(cfg: Any) -> set[str]:
+    return {p.name for p in cfg.storage.images_dir.iterdir()}
+
+
+async def test_passes_that_do_not_complete_never_delete(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    # A pass that dies on page 2 has not seen the items of pages 2+: they are not gone.
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim, download={"max_attempts": 1})
+    await run_once(cfg)
+    held = _images_held(cfg)
+    assert len(held) == len(sim.item_ids_with_images())
+    sim.add_fault("status", None, endpoint="items", page=2, status=500)
+    for _ in range(3):
+        report, code = await run_once(cfg)
+        assert (report["status"], code) == ("failed", 1)
+        assert report["statistics"]["removed"] == 0
+    assert _images_held(cfg) == held
+
+
+async def test_an_empty_catalogue_deletes_nothing(make_sim: SimFactory, make_config: Any) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    held = _images_held(cfg)
+    for item in list(sim.items):
+        sim.remove_item(item["item_id"])
+    for _ in range(3):
+        report, _ = await run_once(cfg)
+        assert report["statistics"]["removed"] == 0
+    assert _images_held(cfg) == held
+
+
+async def test_an_item_that_comes_back_needs_two_new_misses(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    flaky = sim.item_ids_with_images()[0]
+    sim.remove_item(flaky)
+    await run_once(cfg)  # one miss
+    sim.add_item(flaky)
+    await run_once(cfg)  # listed again: the miss is forgotten
+    sim.remove_item(flaky)
+    report, _ = await run_once(cfg)  # one miss again, not two
+    assert report["statistics"]["removed"] == 0
+    assert any(p.stem == flaky for p in cfg.storage.images_dir.iterdir())
+    report, _ = await run_once(cfg)  # the second miss in a row: gone for sure
+    assert report["statistics"]["removed"] == 1
+    assert not any(p.stem == flaky for p in cfg.storage.images_dir.iterdir())
+
+
 async def test_a_stuck_disk_does_not_hold_a_stop_past_its_deadline(
     make_sim: SimFactory, make_config: Any, stuck_disk: StuckDisk
 ) -> None:
