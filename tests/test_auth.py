@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import SMALL, SimFactory, assert_mirror, run_once
+from conftest import CREDS_ENV, SMALL, SimFactory, assert_mirror, run_once
 from zoho_image_sync.errors import ConfigError
 from zoho_image_sync.service import Service
 
@@ -31,6 +31,24 @@ async def test_cached_token_is_reused_and_a_revoked_one_refreshed_once(
     assert json.loads(cfg.token_file.read_bytes())["access_token"] != cached
     # One 401 (code 57), then the same request again with the new token.
     assert sim.stats()["requests"]["items"] == {"401": 1, "200": 2}
+
+
+async def test_a_token_cached_for_other_credentials_is_not_reused(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    await run_once(make_config(sim))
+    # Other credentials (a rotated refresh token, another client): the cached access token
+    # was minted for the old ones and is not theirs to use. The simulator knows only the
+    # demo refresh token, so the new one is refused at the token endpoint, which proves
+    # it was asked instead of the cache being used.
+    other = "1000.another0refresh0token"
+    cfg = make_config(sim, env={**CREDS_ENV, "ZOHO_REFRESH_TOKEN": other})
+    sim.reset_log()
+    report, code = await run_once(cfg)
+    assert (report["status"], code) == ("failed", 78)
+    assert [r.endpoint for r in sim.records] == ["token"]  # no API call with the old token
+    assert other not in cfg.token_file.read_text()  # the file keys by a hash, never the secret
 
 
 async def test_token_expiring_mid_pass_costs_one_refresh_and_no_item(

@@ -27,6 +27,7 @@ from conftest import (
 from zoho_image_sync.simulator import Simulator
 
 
+@pytest.mark.timeout(150)  # the children's own timeouts (120 s) fire first
 def test_demo_runs_with_no_credentials(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZOHO_")}
     proc = subprocess.run(
@@ -54,6 +55,7 @@ def test_demo_runs_with_no_credentials(tmp_path: Path) -> None:
     assert '"tokens_minted": 0' in again.stderr
 
 
+@pytest.mark.timeout(150)  # the children's own timeouts (120 s) fire first
 def test_demo_with_a_production_config_touches_neither_its_storage_nor_its_secrets(
     tmp_path: Path,
 ) -> None:
