@@ -110,6 +110,12 @@ async def test_permanent_token_errors_exit_78_naming_the_credential(
     assert key in report["reason"] and fault in report["reason"]
     # No retry loop: exactly one call to the token endpoint, nothing else.
     assert sim.stats()["requests"] == {"token": {"200": 1}}
+    # The failure names the key, never the secret: not in the report (stdout, /state),
+    # nor in the state file that keeps it as last_pass.
+    saved = [p.read_text() for p in cfg.storage.state_file.parent.glob("*.json*")]
+    for text in (json.dumps(report), *saved):
+        for secret in CREDS_ENV.values():
+            assert secret not in text
 
 
 async def test_throttled_token_endpoint_exits_1_without_hammering(
