@@ -389,3 +389,31 @@ async def test_journal_warnings_name_no_item_and_a_torn_write_does_not_swallow_t
     again = State.read(tmp_path / "state.json")
     assert again.items["B"]["status"] == "no_image"  # the torn line did not eat it
     assert "A" not in again.items  # its line was torn: the next save writes it
+
+
+async def test_two_failed_saves_in_a_row_lose_no_journaled_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from zoho_image_sync import state as state_module
+    from zoho_image_sync.state import State
+
+    state = State(tmp_path / "state.json")
+    state.journaling = True
+    state.put("A1", status="downloaded", path="/x/A1.jpg", sha256="aa")
+    await state.save()
+
+    def disk_full(path: Path, data: bytes, mode: int = 0o644) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(state_module, "write_bytes_atomic", disk_full)
+    state.put("B2", status="downloaded", path="/x/B2.jpg", sha256="bb")
+    with pytest.raises(OSError):
+        await state.save()  # the journal was rotated aside, the snapshot not written
+    state.put("C3", status="downloaded", path="/x/C3.jpg", sha256="cc")
+    with pytest.raises(OSError):
+        await state.save()  # rotates again: both generations must survive
+    state.close()  # then the process dies: only the files are left
+    items = State.read(tmp_path / "state.json").items
+    assert {k: v["sha256"] for k, v in items.items()} == {"A1": "aa", "B2": "bb", "C3": "cc"}
