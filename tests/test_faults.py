@@ -409,10 +409,10 @@ async def test_two_failed_saves_in_a_row_lose_no_journaled_change(
 
     monkeypatch.setattr(state_module, "write_bytes_atomic", disk_full)
     state.put("B2", status="downloaded", path="/x/B2.jpg", sha256="bb")
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left"):
         await state.save()  # the journal was rotated aside, the snapshot not written
     state.put("C3", status="downloaded", path="/x/C3.jpg", sha256="cc")
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left"):
         await state.save()  # rotates again: both generations must survive
     state.close()  # then the process dies: only the files are left
     items = State.read(tmp_path / "state.json").items
