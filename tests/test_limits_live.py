@@ -76,3 +76,21 @@ async def test_daily_limit_code_45_stops_spending(make_sim: SimFactory, make_con
     rejected = sum(codes.get("429", 0) for codes in sim.stats()["requests"].values())
     assert 1 <= rejected <= cfg.limits.max_concurrent_requests
     assert sim.stats()["api_requests"] <= 40 + cfg.limits.max_concurrent_requests
+
+
+async def test_a_per_minute_429_pauses_every_worker(make_sim: SimFactory, make_config: Any) -> None:
+    # One image answers 429 code 44 (our window out of step with Zoho's) with
+    # Retry-After: 1. Every worker waits it out, not only the one that got it: after it,
+    # only requests already on their way (at most the other workers') may arrive.
+    sim = await make_sim(**SMALL, per_minute=100_000, retry_after=1)
+    victim = sim.item_ids_with_images()[5]
+    sim.add_fault("429", victim, code=44, times=1)
+    cfg = make_config(sim)
+    report, code = await run_once(cfg)
+    assert code == 0 and report["status"] == "success"
+    api = sorted((r for r in sim.records if r.is_api), key=lambda r: r.t)
+    first = next(r.t for r in api if r.status == 429)
+    during = [r for r in api if first < r.t < first + 0.9]
+    assert len(during) <= cfg.download.workers - 1, len(during)
+    assert any(r.t >= first + 0.9 for r in api)  # and the pass went on after the pause
+    assert_mirror(sim, cfg.storage.images_dir)
