@@ -37,8 +37,25 @@ async def test_block_for_pauses_everyone() -> None:
     rw = RollingWindow(100, window=60)
     rw.block_for(0.2)
     t0 = time.monotonic()
-    await rw.acquire()
-    assert time.monotonic() - t0 >= 0.19
+    admitted: list[float] = []
+
+    async def caller() -> None:
+        await rw.acquire()
+        admitted.append(time.monotonic() - t0)
+
+    await asyncio.gather(*(caller() for _ in range(3)))
+    assert len(admitted) == 3 and min(admitted) >= 0.19
+
+
+async def test_block_for_extended_while_callers_wait() -> None:
+    rw = RollingWindow(100, window=60)
+    rw.block_for(0.1)
+    t0 = time.monotonic()
+    waiting = asyncio.ensure_future(rw.acquire())
+    await asyncio.sleep(0)  # it is now waiting on the first block
+    rw.block_for(0.3)  # a second 429 arrives meanwhile: the later end wins
+    await waiting
+    assert time.monotonic() - t0 >= 0.29
 
 
 async def test_slots_resize_live() -> None:
