@@ -115,13 +115,14 @@ class Child:
 def orphan_writers(killed: list[int]) -> int:
     """Image writer processes still alive whose daemon was SIGKILLed (argv ends in its pid)."""
     orphans = 0
+    parents = {str(pid).encode() for pid in killed}
     for proc in Path("/proc").iterdir():
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         if any(a.endswith(b"durable.py") for a in argv) and argv[-2:-1]:
-            orphans += argv[-2].decode() in {str(pid) for pid in killed}
+            orphans += argv[-2] in parents
     return orphans
 
 

@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -353,8 +354,6 @@ def cmd_simulate(args: argparse.Namespace, redactor: Redactor) -> int:
 
 def _on_loopback(url: str) -> bool:
     """Whether ``url`` names this machine (a simulator), not Zoho."""
-    from urllib.parse import urlsplit
-
     host = urlsplit(url).hostname if url else None
     return host in ("127.0.0.1", "localhost", "::1")
 
@@ -371,8 +370,6 @@ def _port_free(host: str, port: int) -> bool:
 
 def cmd_demo(args: argparse.Namespace, redactor: Redactor) -> int:
     """``demo``: start the simulator in-process and run ``once`` against it."""
-    from urllib.parse import urlsplit
-
     from .simulator import (
         DEMO_CLIENT_ID,
         DEMO_CLIENT_SECRET,

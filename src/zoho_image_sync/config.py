@@ -211,11 +211,11 @@ ALIASES: Final[dict[str, str]] = {"source.image_endpoint": "zoho.image_endpoint"
 CHOICES: Final[dict[str, tuple[str, ...]]] = {
     "zoho.data_center": tuple(DATA_CENTERS),
     "zoho.image_endpoint": ("inventory", "books"),
-    "source.image_endpoint": ("inventory", "books"),
     "source.kind": ("zoho", "file"),
     "log.level": tuple(LEVELS),
     "log.format": ("json", "console", "auto"),
 }
+CHOICES.update({alias: CHOICES[target] for alias, target in ALIASES.items()})
 
 
 @dataclass(frozen=True)

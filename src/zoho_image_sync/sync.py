@@ -349,17 +349,17 @@ class SyncPass:
     async def _retry_unlisted(self) -> None:
         """Incremental passes list only modified items: retry our failed and pending ones
         too, and restore downloaded images whose file is gone (the pass-start scan)."""
-        on_disk = self._on_disk
+
+        def due(item_id: str, e: Mapping[str, Any]) -> bool:
+            status = e.get("status")
+            if status == "downloaded":
+                return e.get("ext") not in self._on_disk.get(item_id, ())
+            return status in ("failed", "pending")
+
         again = [
             (item_id, e)
             for item_id, e in self.state.items.items()
-            if item_id not in self._seen
-            and (
-                e.get("status") in ("failed", "pending")
-                or (
-                    e.get("status") == "downloaded" and e.get("ext") not in on_disk.get(item_id, ())
-                )
-            )
+            if item_id not in self._seen and due(item_id, e)
         ]
         for item_id, e in again:
             if self._stop.is_set():
