@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -96,18 +97,67 @@ async def test_locally_damaged_file_is_fetched_again(
     a, b, c = sim.item_ids_with_images()[:3]
     (cfg.storage.images_dir / f"{a}.jpg").unlink()
     (cfg.storage.images_dir / f"{b}.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    # Same size and mtime kept back: only the hash can tell.
+    # Rewritten in place with its size and mtime put back: only the ctime and then the
+    # hash can tell.
     p = cfg.storage.images_dir / f"{c}.jpg"
     st = p.stat()
     p.write_bytes(b"\x00" * st.st_size)
-    import os
-
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (p.stat().st_size, p.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    before = len(sim.records)
     report, _ = await run_once(cfg)
-    # a and b fail the stat check and are fetched again; c passes it (stat is the cheap check).
-    assert report["statistics"]["updated"] == 2
-    assert (cfg.storage.images_dir / f"{a}.jpg").read_bytes() == sim.image_bytes(a)
-    assert (cfg.storage.images_dir / f"{b}.jpg").read_bytes() == sim.image_bytes(b)
+    assert report["statistics"]["updated"] == 3
+    assert report["statistics"]["unchanged"] == 120 - 3
+    for item_id in (a, b, c):
+        got = (cfg.storage.images_dir / f"{item_id}.jpg").read_bytes()
+        assert got == sim.image_bytes(item_id)
+    fetched = sorted(r.item_id or "" for r in sim.records[before:] if r.endpoint == "image")
+    assert fetched == sorted([a, b, c])
+
+
+async def test_recorded_stat_is_the_files_own_so_a_re_sync_reads_no_file(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    state = json.loads(cfg.storage.state_file.read_bytes())
+    downloaded = {k: e for k, e in state["items"].items() if e["status"] == "downloaded"}
+    assert len(downloaded) == 120
+    for e in downloaded.values():
+        st = os.stat(e["path"])
+        # Taken after the rename (which sets the ctime): else every file would be hashed
+        # again on the next pass.
+        assert (e["bytes"], e["mtime_ns"], e["ctime_ns"]) == (
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+        )
+
+
+async def test_a_touched_file_is_hashed_not_fetched_and_its_new_stat_kept(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    a, b = sim.item_ids_with_images()[:2]
+    pa = cfg.storage.images_dir / f"{a}.jpg"
+    pa.chmod(0o640)  # a new ctime, the same bytes
+    # A state written before ctimes were recorded: b's entry has none.
+    doc = json.loads(cfg.storage.state_file.read_bytes())
+    del doc["items"][b]["ctime_ns"]
+    cfg.storage.state_file.write_bytes(json.dumps(doc).encode())
+    sim.reset_log()
+    report, code = await run_once(cfg)
+    assert code == 0
+    assert report["statistics"]["unchanged"] == 120 and report["statistics"]["updated"] == 0
+    assert sim.stats()["requests"].get("image") is None
+    state = json.loads(cfg.storage.state_file.read_bytes())
+    for item_id in (a, b):
+        path = cfg.storage.images_dir / f"{item_id}.jpg"
+        assert state["items"][item_id]["ctime_ns"] == path.stat().st_ctime_ns
+    assert pa.read_bytes() == sim.image_bytes(a)
 
 
 async def test_resume_after_an_interrupted_pass(make_sim: SimFactory, make_config: Any) -> None:

@@ -146,11 +146,12 @@ async def test_writer_group_commits_one_folder_fsync_per_batch(
     results = await asyncio.gather(*futures)
     await writer.aclose()
     assert fsyncs == [tmp_path, tmp_path]  # batch of 1 (held), then the other 39 together
-    for (item_id, body), (mtime_ns, digest) in zip(bodies.items(), results, strict=True):
+    for (item_id, body), (mtime_ns, ctime_ns, digest) in zip(bodies.items(), results, strict=True):
         path = tmp_path / f"{item_id}.jpg"
         assert path.read_bytes() == body
         assert digest == hashlib.sha256(body).hexdigest()
-        assert mtime_ns == path.stat().st_mtime_ns
+        st = path.stat()
+        assert (mtime_ns, ctime_ns) == (st.st_mtime_ns, st.st_ctime_ns)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{i}.jpg" for i in bodies)
 
 

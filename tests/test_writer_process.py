@@ -53,11 +53,12 @@ def _gone_within(pid_fd: int, seconds: float) -> bool:
 
 
 def _check(folder: Path, bodies: dict[str, bytes], results: list[Committed]) -> None:
-    for (item_id, body), (mtime_ns, digest) in zip(bodies.items(), results, strict=True):
+    for (item_id, body), (mtime_ns, ctime_ns, digest) in zip(bodies.items(), results, strict=True):
         path = folder / f"{item_id}.jpg"
         assert path.read_bytes() == body, item_id
         assert digest == hashlib.sha256(body).hexdigest()
-        assert mtime_ns == path.stat().st_mtime_ns
+        st = path.stat()
+        assert (mtime_ns, ctime_ns) == (st.st_mtime_ns, st.st_ctime_ns)
         assert path.stat().st_mode & 0o777 == 0o644
 
 

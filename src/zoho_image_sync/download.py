@@ -105,7 +105,8 @@ async def run_job(
     if job.verify_only and prev is not None:
         st = await asyncio.to_thread(verified_stat, prev)
         if st is not None:
-            return Outcome("unchanged", {**base, "mtime_ns": st.st_mtime_ns})
+            stamp = {"mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+            return Outcome("unchanged", {**base, **stamp})
     sink = ImageSink(images_dir, item.item_id)
     t0 = time.perf_counter()
     try:
@@ -165,8 +166,7 @@ def _written(
     t0: float,
 ) -> Outcome:
     metrics.image_written(time.perf_counter() - t0, sink.size)
-    mtime_ns = sink.mtime_ns
-    assert mtime_ns is not None
+    assert sink.mtime_ns is not None and sink.ctime_ns is not None
     had_image = job.previous is not None and job.previous.get("path")
     fields = {
         **base,
@@ -175,7 +175,8 @@ def _written(
         "ext": ext,
         "sha256": sink.sha256(),
         "bytes": sink.size,
-        "mtime_ns": mtime_ns,
+        "mtime_ns": sink.mtime_ns,
+        "ctime_ns": sink.ctime_ns,
         "reason": None,
         "detail": None,
     }

@@ -16,7 +16,7 @@ The protocol (one ``AF_UNIX``/``SOCK_SEQPACKET`` socket, so every message is one
   memfd attached (SCM_RIGHTS) the first time that arena is used. The body is ``length``
   bytes at ``offset`` in the arena, shared memory the daemon filled and does not touch
   until the answer.
-- answer: one JSON list per batch, ``[id, mtime_ns, sha256]`` for a durable image or
+- answer: one JSON list per batch, ``[id, mtime_ns, ctime_ns, sha256]`` for a durable image or
   ``[id, null, errno, strerror, filename]`` for a failed one.
 
 The process ignores the signals meant for the daemon (a Ctrl-C reaches the whole
@@ -90,17 +90,17 @@ def replace_durably(
                 n = os.write(fd, view)
                 view = view[n:]
             os.fsync(fd)
-            st = os.fstat(fd)
-            if st.st_mode & 0o7777 != mode:
+            if os.fstat(fd).st_mode & 0o7777 != mode:
                 os.fchmod(fd, mode)
-                st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        # After the rename, which sets the ctime: the stat a later pass compares with.
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
     if sync_folder:
         fsync_dir(folder)
     return st
@@ -135,8 +135,8 @@ def remove_item_images(
 
 def commit_bytes(
     final: str, data: bytes | memoryview, item_id: str, stale: Iterable[str], sync_folder: bool
-) -> tuple[int, str]:
-    """Hash, write durably, drop the stale extensions (blocking): (mtime_ns, sha256).
+) -> tuple[int, int, str]:
+    """Hash, write durably, drop the stale extensions (blocking): (mtime_ns, ctime_ns, sha256).
 
     Called off the event loop: the hash chunk by chunk on the loop showed in the profile.
     """
@@ -144,7 +144,7 @@ def commit_bytes(
     st = replace_durably(final, data, 0o644, sync_folder)
     if stale:
         remove_item_images(os.path.dirname(final), item_id, final, stale)
-    return st.st_mtime_ns, digest
+    return st.st_mtime_ns, st.st_ctime_ns, digest
 
 
 class Batch:
@@ -153,7 +153,7 @@ class Batch:
     ``sync``; a failed folder fsync fails every image of that folder."""
 
     def __init__(self) -> None:
-        self.results: list[tuple[int, str] | Exception] = []
+        self.results: list[tuple[int, int, str] | Exception] = []
         self._folders: dict[str, list[int]] = {}
 
     def __len__(self) -> int:
@@ -171,7 +171,7 @@ class Batch:
             self._folders.setdefault(os.path.dirname(final), []).append(len(self.results))
             self.results.append(result)
 
-    def sync(self) -> list[tuple[int, str] | Exception]:
+    def sync(self) -> list[tuple[int, int, str] | Exception]:
         """Fsync each folder once; the results, in the order written."""
         for folder, indexes in self._folders.items():
             try:

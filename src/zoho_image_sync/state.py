@@ -307,6 +307,7 @@ def rebuild_from_disk(state: State, images_dir: Path) -> int:
             sha256=digest,
             bytes=st.st_size,
             mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
             identity=None,
             rebuilt=True,
         )

@@ -115,9 +115,12 @@ def sha256_file(path: Path | str) -> tuple[str, os.stat_result]:
     """The sha256 of a file's content and the stat of what was hashed (blocking)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        # The stat from before the read: a change made while hashing shows in a later
+        # pass's comparison (its ctime differs) instead of hiding behind this one.
+        st = os.fstat(f.fileno())
         while chunk := f.read(1 << 20):
             h.update(chunk)
-        return h.hexdigest(), os.fstat(f.fileno())
+        return h.hexdigest(), st
 
 
 def split_image_name(name: str) -> tuple[str, str] | None:
@@ -126,7 +129,7 @@ def split_image_name(name: str) -> tuple[str, str] | None:
     return (item_id, ext) if dot and ext in EXTENSIONS else None
 
 
-Committed = tuple[int, str]  # the file's mtime_ns and its content's sha256
+Committed = tuple[int, int, str]  # the file's mtime_ns and ctime_ns, its content's sha256
 
 
 def _place_spilled(tmp: Path, final: str, item_id: str, stale: Iterable[str]) -> os.stat_result:
@@ -549,10 +552,12 @@ class ProcessImageWriter:
         result: Committed | None = None
         error: BaseException | None = None
         if mtime_ns is not None:
-            (digest,) = rest
-            if not isinstance(mtime_ns, int) or not isinstance(digest, str):
+            ctime_ns, digest = rest
+            if not (
+                isinstance(mtime_ns, int) and isinstance(ctime_ns, int) and isinstance(digest, str)
+            ):
                 raise TypeError(f"answer {answer!r:.100}")
-            result = (mtime_ns, digest)
+            result = (mtime_ns, ctime_ns, digest)
         else:
             code, text, filename = rest
             if code is None:
@@ -694,6 +699,7 @@ class ImageSink:
         "_hash",
         "_head",
         "_tmp",
+        "ctime_ns",
         "images_dir",
         "item_id",
         "mtime_ns",
@@ -719,6 +725,7 @@ class ImageSink:
         self._tmp: Path | None = None
         self._file: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None
         self.mtime_ns: int | None = None  # the committed file's
+        self.ctime_ns: int | None = None
 
     @property
     def head(self) -> bytes:
@@ -778,7 +785,7 @@ class ImageSink:
 
     def committed(self, done: Committed) -> None:
         """Take the stat and sha256 of a handed-over body once the writer has it durable."""
-        self.mtime_ns, self._digest = done
+        self.mtime_ns, self.ctime_ns, self._digest = done
 
     async def commit(self, ext: str, stale: Iterable[str] | None = None) -> str:
         """Flush, fsync and rename into ``{images_dir}/{item_id}.{ext}``; fsync the folder.
@@ -787,7 +794,7 @@ class ImageSink:
         """
         if self._file is None:
             final, data, stale_exts = self._take_buffer(ext, stale)
-            self.mtime_ns, self._digest = await asyncio.to_thread(
+            self.mtime_ns, self.ctime_ns, self._digest = await asyncio.to_thread(
                 durable.commit_bytes, final, data, self.item_id, stale_exts, True
             )
             return final
@@ -802,7 +809,7 @@ class ImageSink:
         finally:
             await f.close()
         st = await asyncio.to_thread(_place_spilled, tmp, final, self.item_id, stale)
-        self.mtime_ns = st.st_mtime_ns
+        self.mtime_ns, self.ctime_ns = st.st_mtime_ns, st.st_ctime_ns
         self._tmp = None
         return final
 

@@ -340,8 +340,8 @@ class SyncPass:
             self.stats.unchanged += 1
             self._refresh_facts(item, prev, identity, url)
             return
-        # The same image with another size or mtime (or no file): the job hashes the file
-        # and downloads again only if the bytes differ or it is gone.
+        # The same image with another size, mtime or ctime (or no file): the job hashes
+        # the file and downloads again only if the bytes differ or it is gone.
         on_disk = self._on_disk.get(item_id, ())
         base = image_fields(item, identity, url)
         await self._put(Job(item, url, identity, prev, base, verify_only=same, on_disk=on_disk))
@@ -618,8 +618,18 @@ def _scan_images(images_dir: Path) -> dict[str, tuple[str, ...]]:
 
 
 def _stat_matches(prev: Mapping[str, Any]) -> bool:
+    """The file is as recorded, without reading it: size, mtime and ctime unchanged.
+
+    The ctime is git's trick: no program can set it, so a file rewritten in place with
+    its size and mtime put back (``touch -d``) still shows, and its hash is checked. A
+    chmod, a hard link or a restore changes it too: one hash, no download.
+    """
     try:
         st = os.stat(prev["path"])
     except (OSError, KeyError, TypeError):
         return False
-    return bool(st.st_size == prev.get("bytes") and st.st_mtime_ns == prev.get("mtime_ns"))
+    return bool(
+        st.st_size == prev.get("bytes")
+        and st.st_mtime_ns == prev.get("mtime_ns")
+        and st.st_ctime_ns == prev.get("ctime_ns")
+    )
