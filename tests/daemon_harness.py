@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import sys
@@ -21,10 +22,33 @@ from zoho_image_sync.simulator import DEMO_CREDS_ENV
 MESSAGE_TIMEOUT = 30.0
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now, for a child process to listen on.
+
+    Not from the kernel's ephemeral range (what binding port 0 returns): every outgoing
+    connection of the suite takes a port from that range, and one could take this port
+    between our check and the child's bind. Below the range only another listener can.
+    """
+    low, high = _ephemeral_range()
+    start, stop = (10000, low) if low > 11000 else (high + 1, 65536)
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(start, stop)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}..{stop - 1}")
 
 
 class Daemon:
