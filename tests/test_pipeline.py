@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import SMALL, SimFactory, StuckDisk, assert_mirror, run_once
+from zoho_image_sync import download, storage
 from zoho_image_sync.service import Service
 from zoho_image_sync.simulator import Simulator
 from zoho_image_sync.storage import sniff_image
@@ -115,15 +116,24 @@ async def test_locally_damaged_file_is_fetched_again(
     assert fetched == sorted([a, b, c])
 
 
+@pytest.mark.parametrize("writer_process", [True, False], ids=["process", "thread"])
 async def test_recorded_stat_is_the_files_own_so_a_re_sync_reads_no_file(
-    make_sim: SimFactory, make_config: Any
+    make_sim: SimFactory,
+    make_config: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    writer_process: bool,
 ) -> None:
+    monkeypatch.setattr(storage, "WRITER_PROCESS", writer_process)
     sim = await make_sim(**SMALL)
+    big = sim.item_ids_with_images()[:3]
+    for item_id in big:  # over SPILL_BYTES: streamed to a temporary file, then renamed
+        sim.set_image(item_id, "jpg", storage.SPILL_BYTES + 500_000)
     cfg = make_config(sim)
     await run_once(cfg)
     state = json.loads(cfg.storage.state_file.read_bytes())
     downloaded = {k: e for k, e in state["items"].items() if e["status"] == "downloaded"}
     assert len(downloaded) == 120
+    assert all(downloaded[i]["bytes"] > storage.SPILL_BYTES for i in big)
     for e in downloaded.values():
         st = os.stat(e["path"])
         # Taken after the rename (which sets the ctime): else every file would be hashed
@@ -133,6 +143,17 @@ async def test_recorded_stat_is_the_files_own_so_a_re_sync_reads_no_file(
             st.st_mtime_ns,
             st.st_ctime_ns,
         )
+    hashed: list[str] = []
+    real = download.verified_stat
+
+    def counting(prev: Any) -> Any:
+        hashed.append(prev["path"])
+        return real(prev)
+
+    monkeypatch.setattr(download, "verified_stat", counting)
+    report, _ = await run_once(cfg)
+    assert report["statistics"]["unchanged"] == 120
+    assert hashed == []  # no file was read again
 
 
 async def test_a_touched_file_is_hashed_not_fetched_and_its_new_stat_kept(

@@ -76,6 +76,30 @@ def test_atomic_write_mode_and_no_leftover(tmp_path: Path) -> None:
     assert [p.name for p in target.parent.iterdir()] == ["state.json"]
 
 
+@pytest.mark.parametrize("failing", ["write", "fsync", "fchmod", "replace"])
+def test_a_failed_durable_write_leaves_the_old_file_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    final = tmp_path / "7.jpg"
+    final.write_bytes(b"old")
+
+    def broken(*_args: object) -> None:
+        raise OSError(5, f"{failing} failed (injected)")
+
+    monkeypatch.setattr(os, failing, broken)  # durable.py calls os.* at call time
+    fds = set(os.listdir("/proc/self/fd"))
+    umask = os.umask(0o077)  # takes bits from 0o644: the fchmod runs
+    try:
+        with pytest.raises(OSError, match="injected"):
+            durable.replace_durably(final, b"new bytes", 0o644)
+    finally:
+        os.umask(umask)
+        monkeypatch.undo()
+    assert final.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["7.jpg"]
+    assert set(os.listdir("/proc/self/fd")) == fds  # the descriptor was closed
+
+
 def test_sweep_removes_only_temporaries(tmp_path: Path) -> None:
     (tmp_path / f"{TMP_PREFIX}1-abcd").write_bytes(b"partial")
     (tmp_path / "1.jpg").write_bytes(b"x")

@@ -137,10 +137,11 @@ def _place_spilled(tmp: Path, final: str, item_id: str, stale: Iterable[str]) ->
     # The same mode as the small-image path, whatever the umask: the ERP reads these.
     os.chmod(tmp, 0o644)
     os.replace(tmp, final)
+    st = os.stat(final)  # at once: the rename set the ctime, and nothing else has the file
     folder = os.path.dirname(final)
     fsync_dir(folder)
     remove_item_images(folder, item_id, final, stale)
-    return os.stat(final)
+    return st
 
 
 @dataclass(slots=True)
@@ -201,7 +202,7 @@ class ImageWriter:
         item_id: str,
         stale: tuple[str, ...],
     ) -> asyncio.Future[Committed]:
-        """Queue ``data`` for ``final``; the future gives its mtime and sha256 once durable."""
+        """Queue ``data`` for ``final``; the future gives its stat and sha256 once durable."""
         if self._thread is None or self._loop is None:
             raise RuntimeError("ImageWriter.submit before start()")
         future: asyncio.Future[Committed] = self._loop.create_future()
@@ -461,7 +462,7 @@ class ProcessImageWriter:
         item_id: str,
         stale: tuple[str, ...],
     ) -> asyncio.Future[Committed]:
-        """Queue ``data`` for ``final``; the future gives its mtime and sha256 once durable."""
+        """Queue ``data`` for ``final``; the future gives its stat and sha256 once durable."""
         if self._loop is None:
             raise RuntimeError("ProcessImageWriter.submit before start()")
         final = os.fspath(final)
