@@ -6,6 +6,7 @@ import asyncio
 import csv
 import gzip
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -306,8 +307,9 @@ async def test_incremental_pass_asks_only_for_modified_items(
         await service.shutdown()
 
 
-async def test_incremental_pass_restores_a_deleted_image_of_an_unmodified_item(
-    make_sim: SimFactory, make_config: Any
+@pytest.mark.parametrize("damage", ["deleted", "rewritten", "chmod"])
+async def test_incremental_pass_puts_right_the_file_of_an_unmodified_item(
+    make_sim: SimFactory, make_config: Any, damage: str
 ) -> None:
     sim = await make_sim()
     cfg = make_config(sim, sync={"full_rescan_every": 24})
@@ -315,19 +317,32 @@ async def test_incremental_pass_restores_a_deleted_image_of_an_unmodified_item(
     await service.startup()
     try:
         await service.run_pass(allow_incremental=True)  # the first is a full scan
-        gone = sim.item_ids_with_images()[2]
-        (cfg.storage.images_dir / f"{gone}.jpg").unlink()
+        hit = sim.item_ids_with_images()[2]
+        path = cfg.storage.images_dir / f"{hit}.jpg"
+        st0 = path.stat()
+        if damage == "deleted":
+            path.unlink()
+        elif damage == "rewritten":  # in place, size and mtime put back
+            path.write_bytes(b"\0" * st0.st_size)
+            os.utime(path, ns=(st0.st_atime_ns, st0.st_mtime_ns))
+        else:
+            path.chmod(0o640)  # a new ctime, the same bytes: hashed, not fetched
         sim.reset_log()
         report = await service.run_pass(allow_incremental=True)
         assert "incremental" in report
-        assert (cfg.storage.images_dir / f"{gone}.jpg").read_bytes() == sim.image_bytes(gone)
+        assert path.read_bytes() == sim.image_bytes(hit)
         images = [r for r in sim.records if r.endpoint == "image"]
-        assert len(images) == 1 and gone in images[0].path
         st = report["statistics"]
-        assert (st["updated"], st["images_downloaded"], st["errors"]) == (1, 1, 0)
+        if damage == "chmod":
+            assert images == []
+            assert (st["updated"], st["unchanged"], st["errors"]) == (0, 1, 0)
+        else:
+            assert len(images) == 1 and hit in images[0].path
+            assert (st["updated"], st["images_downloaded"], st["errors"]) == (1, 1, 0)
         assert service.state is not None
-        entry = service.state.get(gone)
+        entry = service.state.get(hit)
         assert entry is not None and entry["status"] == "downloaded"
+        assert entry["ctime_ns"] == path.stat().st_ctime_ns
     finally:
         await service.shutdown()
 
