@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import json
+import os
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -20,6 +23,7 @@ from conftest import (
     run_once,
     stop_with_writes_held,
 )
+from zoho_image_sync import sync as sync_module
 from zoho_image_sync.pager import zoho_pages
 from zoho_image_sync.service import Service
 from zoho_image_sync.sync import SyncPass
@@ -179,6 +183,82 @@ async def test_an_item_gone_from_zoho_is_removed_after_two_full_scans(
     assert second["statistics"]["removed"] == 1
     assert not (cfg.storage.images_dir / f"{gone}.jpg").exists()
     assert_mirror(sim, cfg.storage.images_dir)
+
+
+async def test_an_images_folder_removed_between_passes_is_made_again_and_refilled(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    service = Service(cfg)
+    await service.startup()
+    try:
+        await service.run_pass()
+        shutil.rmtree(cfg.storage.images_dir)
+        report = await service.run_pass()
+        assert report["status"] == "success"
+        st = report["statistics"]
+        assert (st["updated"], st["errors"]) == (120, 0)
+        assert_mirror(sim, cfg.storage.images_dir)
+    finally:
+        await service.shutdown()
+
+
+async def test_an_images_folder_removed_mid_pass_stops_the_pass_not_every_item(
+    make_sim: SimFactory, make_config: Any, tmp_path: Path
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim, download={"workers": 2})
+    service = Service(cfg)
+    await service.startup()
+    try:
+        task = asyncio.create_task(service.run_pass())
+        await asyncio.wait_for(sim.wait_api_requests(1 + 10), 30)  # page 1 and 10 images
+        cfg.storage.images_dir.rename(tmp_path / "moved-away")  # gone, in one step
+        report = await asyncio.wait_for(task, 30)
+        assert report["status"] == "failed" and "refuses writes" in report["reason"]
+        # Only the images in hand when it went (2 workers, 2 writes each at most) failed,
+        # not every item after them.
+        assert 1 <= report["statistics"]["errors"] <= 4
+        assert service.state is not None
+        assert service.state.counts()["failed"] <= 4
+        again = await service.run_pass()
+        assert again["status"] == "success"
+        assert_mirror(sim, cfg.storage.images_dir)
+    finally:
+        await service.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [(errno.EROFS, "failed"), (errno.EISDIR, "partial")],
+    ids=["erofs", "eisdir"],
+)
+async def test_an_image_that_cannot_be_removed_fails_cleanly_and_is_removed_later(
+    make_sim: SimFactory, make_config: Any, monkeypatch: pytest.MonkeyPatch, code: int, status: str
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    gone = sim.item_ids_with_images()[0]
+    sim.remove_image(gone)
+
+    def refused(*_args: object) -> list[str]:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(sync_module, "remove_item_images", refused)
+    report, _ = await run_once(cfg)
+    # A read-only folder stops the pass (every write would fail); an odd error fails the
+    # item. Neither is an "internal error", and the file and its entry stay for next time.
+    assert report["status"] == status
+    assert "internal error" not in str(report.get("reason"))
+    assert [(e["zoho_item_id"], e["reason"]) for e in report["errors"]] == [(gone, "write_failed")]
+    assert (cfg.storage.images_dir / f"{gone}.jpg").exists()
+    monkeypatch.undo()
+    again, code_again = await run_once(cfg)
+    assert (again["status"], code_again) == ("success", 0)
+    assert again["statistics"]["removed"] == 1
+    assert not (cfg.storage.images_dir / f"{gone}.jpg").exists()
 
 
 def _images_held(cfg: Any) -> set[str]:

@@ -22,8 +22,18 @@ from .zoho import ZohoClient
 
 log = structlog.get_logger(__name__)
 
+# Errors every other write would hit too. ENOENT: the images folder itself is gone (a
+# file's own absence is never an error on the write path).
 DISK_WIDE = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EFBIG,
+        errno.ENOENT,
+    }
 )
 
 

@@ -8,6 +8,7 @@ temporaries removed). State is saved periodically and at the end, whatever the e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import os
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from .download import Handoff, Job, Outcome, image_fields, run_job
+from .download import DISK_WIDE, Handoff, Job, Outcome, image_fields, run_job
 from .errors import (
     BudgetExhausted,
     ConfigError,
@@ -387,9 +388,21 @@ class SyncPass:
         self.stats.no_image += 1
         exts = self._on_disk.get(item.item_id, ())
         if prev is not None and prev.get("path") and exts:
-            removed = await asyncio.to_thread(
-                remove_item_images, self.images_dir, item.item_id, None, exts
-            )
+            try:
+                removed = await asyncio.to_thread(
+                    remove_item_images, self.images_dir, item.item_id, None, exts
+                )
+            except OSError as exc:
+                # The entry stays as it was: the next pass tries the removal again.
+                detail = f"cannot remove the image: {exc.strerror or exc} ({self.images_dir})"
+                self.metrics.image_failures.labels("write_failed").inc()
+                if exc.errno in DISK_WIDE:
+                    self._halt_for(
+                        StorageError(f"images folder refuses writes: {detail}"), item.item_id
+                    )
+                else:
+                    self._error(item.item_id, "write_failed", detail)
+                return
             if removed:
                 self.stats.removed += 1
                 log.info("image gone from Zoho; local file removed", item_id=item.item_id)
@@ -473,7 +486,8 @@ class SyncPass:
             log.warning("daily request budget spent; stopping the pass", error=str(exc), **ctx)
             self._halt("daily_budget")
         elif isinstance(exc, StorageError) and item_id is not None:
-            log.error("pausing: the images folder refuses writes", error=str(exc), **ctx)
+            if self.fatal is None:  # once, not once per worker that meets it
+                log.error("pausing: the images folder refuses writes", error=str(exc), **ctx)
             self._error(item_id, "write_failed", str(exc))
             self._halt(fatal=exc)
         elif isinstance(exc, FatalPassError | ConfigError | TokenUnavailable):
@@ -607,6 +621,11 @@ def _scan_images(images_dir: Path) -> dict[str, tuple[str, ...]]:
     try:
         names = os.listdir(images_dir)
     except FileNotFoundError:
+        # Removed while the daemon runs: made again, as at start, and every image it held
+        # is fetched again. Should that fail, the first write stops the pass (DISK_WIDE).
+        log.warning("images folder missing; creating it", images_dir=str(images_dir))
+        with contextlib.suppress(OSError):
+            os.makedirs(images_dir, exist_ok=True)
         return found
     for name in names:
         if parsed := split_image_name(name):
