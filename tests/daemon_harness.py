@@ -54,10 +54,17 @@ def free_port() -> int:
 class Daemon:
     """``zoho-image-sync run`` as a child process; notifications arrive on a test socket."""
 
-    def __init__(self, config: Path, folder: Path, watchdog_usec: int | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        folder: Path,
+        watchdog_usec: int | None = None,
+        credentials_in_env: bool = True,
+    ) -> None:
         self.config = config
         self.folder = folder
         self.watchdog_usec = watchdog_usec
+        self.credentials_in_env = credentials_in_env  # else only what the config file holds
         self.proc: asyncio.subprocess.Process | None = None
         self.sock_path = folder / "notify.sock"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -67,7 +74,12 @@ class Daemon:
         self.stderr = b""
 
     async def start(self) -> None:
-        env = {**os.environ, **DEMO_CREDS_ENV, "NOTIFY_SOCKET": str(self.sock_path)}
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.sock_path)}
+        for name in DEMO_CREDS_ENV:
+            env.pop(name, None)
+        env.pop("CREDENTIALS_DIRECTORY", None)
+        if self.credentials_in_env:
+            env.update(DEMO_CREDS_ENV)
         if self.watchdog_usec:
             env["WATCHDOG_USEC"] = str(self.watchdog_usec)
         self.proc = await asyncio.create_subprocess_exec(

@@ -16,6 +16,7 @@ from conftest import (
     daemon_config,
 )
 from daemon_harness import get_json, scrape
+from zoho_image_sync.simulator import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_REFRESH_TOKEN
 
 
 async def test_notify_sequence_reload_and_stop(
@@ -78,6 +79,38 @@ async def test_bad_reload_keeps_the_old_config(
     d.signal(signal.SIGTERM)
     assert await d.wait() == 0
     assert b"download.workers" in d.stderr
+
+
+async def test_sighup_with_fixed_credentials_recovers_without_a_restart(
+    make_sim: SimFactory, daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    sim = await make_sim(**SMALL)
+    creds = {
+        "client_id": DEMO_CLIENT_ID,
+        "client_secret": DEMO_CLIENT_SECRET,
+        "refresh_token": "1000.revoked0or0mistyped",
+    }
+    # An hour's interval: only the reload can bring the next pass forward.
+    cfg, port = daemon_config(tmp_path, sim, zoho=creds, sync={"interval_seconds": 3600})
+    cfg.chmod(0o600)  # secrets in the file
+    d = await daemons(cfg, tmp_path, credentials_in_env=False)
+    await d.wait_for("STATUS=last pass failed")
+    status, body = await get_json(port, "/readyz")
+    assert status == 503, body
+    assert sim.stats()["tokens_minted"] == 0
+    cfg.write_text(cfg.read_text().replace("1000.revoked0or0mistyped", DEMO_REFRESH_TOKEN))
+    d.signal(signal.SIGHUP)
+    await d.wait_for("STATUS=last pass success")
+    status, body = await get_json(port, "/readyz")
+    assert status == 200, body
+    assert sim.stats()["tokens_minted"] == 1
+    assert len(list((tmp_path / "data" / "images" / "item").iterdir())) == 120
+    d.signal(signal.SIGTERM)
+    assert await d.wait() == 0
+    assert b"credentials or accounts server changed" in d.stderr
+    assert (
+        DEMO_REFRESH_TOKEN.encode() not in d.stderr and DEMO_CLIENT_SECRET.encode() not in d.stderr
+    )
 
 
 async def test_sighup_with_a_higher_limit_raises_the_request_rate(

@@ -78,6 +78,23 @@ class TokenManager:
     def __repr__(self) -> str:
         return f"TokenManager(held={self._token is not None}, expires_at={self.expires_at:.0f})"
 
+    def reconfigure(self, zoho: ZohoConfig, credentials: Credentials) -> bool:
+        """A reload: other credentials or another accounts server drop the token held (it
+        was minted for the old ones) and their errors. True if anything changed."""
+        changed = (
+            credentials != self._credentials or zoho.accounts_base() != self._zoho.accounts_base()
+        )
+        self._zoho = zoho
+        if changed:
+            self._credentials = credentials
+            self._token = None
+            self.expires_at = 0.0
+            self.api_domain = None
+            self.blocked_until = 0.0  # Zoho throttles per refresh token
+            self.last_error = None
+            self._load_cache()  # one cached for these very credentials, if any
+        return changed
+
     @property
     def held(self) -> bool:
         """A token is held and not expired."""

@@ -534,8 +534,14 @@ class Daemon(Service):
         return True
 
     async def apply(self, new: Config) -> None:
-        """Swap in a validated config: limits, workers, timeouts, log level, interval."""
+        """Swap in a validated config: limits, workers, timeouts, log level, interval,
+        credentials and accounts server, the url_map file (read again)."""
         old = self.config
+        # Checked first: missing credentials or an unreadable url_map refuse the whole
+        # reload, with nothing changed yet.
+        if old.source.kind == "zoho":
+            new.credentials.require()
+        url_map = load_url_map(new.source.url_map)
         for section, key in (
             ("storage", "images_dir"),
             ("storage", "state_file"),
@@ -555,8 +561,12 @@ class Daemon(Service):
         self.redactor.add(*new.credentials.secrets())
         configure_logging(new.log.level, new.log.format, self.redactor)
         self.config = new
+        self.url_map = url_map  # from the next pass on
         if self.client is not None:
             self.client.config = new
+        new_credentials = self.tokens is not None and self.tokens.reconfigure(
+            new.zoho, new.credentials
+        )
         if self.gate is not None:
             await self.gate.reconfigure(
                 new.limits.requests_per_minute,
@@ -575,6 +585,12 @@ class Daemon(Service):
         if self._interval_based:
             self._next_pass_at = self._last_pass_end + new.sync.interval_seconds
             self._wake.set()
+        if new_credentials:
+            log.info("credentials or accounts server changed; a new token is needed")
+            if self.pass_failed is not None:
+                # Fixed credentials should not wait out the interval or a back-off.
+                self._next_pass_at = time.monotonic()
+                self._wake.set()
 
     async def _token_loop(self) -> None:
         """Keep the token fresh between passes, without hammering a refusing endpoint."""
