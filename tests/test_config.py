@@ -70,6 +70,8 @@ def test_data_centres() -> None:
             "source.image_endpoint",
         ),
         ("[http]\nlisten = 'nowhere'\n", "http.listen"),
+        ('[storage]\nimages_dir = "img\\u0000s"\n', "storage.images_dir"),
+        ('[zoho]\norganization_id = "1\\u00002"\n', "zoho.organization_id"),
         ("[log]\nlevel = 'loud'\n", "log.level"),
         ("[source]\nkind = 'file'\n", "source.items_file"),
         ("limits = 3\n", "limits"),

@@ -381,6 +381,8 @@ def _check_value(name: str, value: Any, default: Any, meta: Mapping[str, Any]) -
     elif kind is str:
         if not isinstance(value, str):
             raise ConfigError(name, f"must be a string, got {type(value).__name__}")
+        if "\0" in value:  # no path, URL or id holds one; the OS would refuse it later
+            raise ConfigError(name, "must not contain a NUL character")
         if name in CHOICES and value not in CHOICES[name]:
             raise ConfigError(name, f"must be one of {', '.join(CHOICES[name])}; got {value!r}")
     lo, hi = meta.get("lo"), meta.get("hi")
