@@ -296,6 +296,25 @@ async def test_a_reload_reads_the_url_map_again_and_refuses_a_bad_one(
         await service.shutdown()
 
 
+async def test_the_token_goes_only_to_the_api_hosts_own_scheme(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim, zoho={"api_url": "https://127.0.0.1:18961/inventory/v1"})
+    service = Service(cfg)
+    await service.startup()  # no request is sent
+    try:
+        assert service.client is not None
+        is_zoho = service.client.is_zoho_url
+        assert is_zoho("https://127.0.0.1:18961/inventory/v1/items/1/image")
+        assert is_zoho("https://127.0.0.1:18961/other/path")
+        # Same host and port, plain http: no token (it would travel in clear text).
+        assert not is_zoho("http://127.0.0.1:18961/inventory/v1/items/1/image")
+        assert not is_zoho("https://127.0.0.1:18962/x")
+    finally:
+        await service.shutdown()
+
+
 def _images_held(cfg: Any) -> set[str]:
     return {p.name for p in cfg.storage.images_dir.iterdir()}
 

@@ -113,9 +113,11 @@ class ZohoClient:
         if url.startswith(base + "/"):  # our own image URLs: no parsing per image
             return True
         try:
-            return urlsplit(url).netloc.lower() == urlsplit(base).netloc.lower()
+            u, b = urlsplit(url), urlsplit(base)
         except ValueError:
             return False
+        # The scheme too: the token never goes over plain http to an https API's host.
+        return (u.scheme.lower(), u.netloc.lower()) == (b.scheme.lower(), b.netloc.lower())
 
     def _timeout(self) -> aiohttp.ClientTimeout:
         t = self.config.download.timeout_seconds
