@@ -111,6 +111,16 @@ def test_credentials_precedence_env_then_directory_then_file(tmp_path: Path) -> 
     assert refresh.reveal() == "env-refresh"
 
 
+def test_a_credential_file_that_is_not_text_names_its_key(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "client_secret").write_bytes(b"\xff\xfesecret-bytes")
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, ""), env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert info.value.key == "zoho.client_secret"
+    assert "not UTF-8" in str(info.value) and "secret-bytes" not in str(info.value)
+
+
 def test_missing_credential_names_the_key(tmp_path: Path) -> None:
     cfg = load(write(tmp_path, ""), env={"ZOHO_CLIENT_ID": "x"})
     with pytest.raises(ConfigError) as info:

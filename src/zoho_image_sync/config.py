@@ -423,6 +423,8 @@ def _load_credentials(
                 text = ""
             except OSError as exc:
                 raise ConfigError(f"zoho.{key}", f"cannot read {p}: {exc.strerror}") from None
+            except UnicodeDecodeError:  # the message never quotes the bytes: they are secret
+                raise ConfigError(f"zoho.{key}", f"{p} is not UTF-8 text") from None
             if text:
                 values[key] = Secret(text)
                 continue
