@@ -92,9 +92,9 @@ async def test_journal_keeps_downloads_done_since_the_last_save(
     state = State(cfg.storage.state_file)
     state.journaling = True
     cfg.storage.state_file.parent.mkdir(parents=True)
-    state.put("A1", status="downloaded", path="/x/A1.jpg", sha256="00")
+    state.put("A1", status="downloaded", path="/x/A1.jpg", sha256="00", ext="jpg")
     state.save_sync()
-    state.put("B2", status="downloaded", path="/x/B2.jpg", sha256="11")
+    state.put("B2", status="downloaded", path="/x/B2.jpg", sha256="11", ext="jpg")
     state.put("A1", status="no_image", path=None)
     state.close()
     # A torn line at the end, as a crash mid-write leaves it.
@@ -317,7 +317,7 @@ async def test_journal_lines_of_one_loop_turn_reach_the_file_by_the_next_turn(
     state = State(tmp_path / "state.json")
     state.journaling = True
     for n in range(5):
-        state.put(f"I{n}", status="downloaded", path=f"/x/I{n}.jpg", sha256="00")
+        state.put(f"I{n}", status="downloaded", path=f"/x/I{n}.jpg", sha256="00", ext="jpg")
     assert not state.journal_path.exists()  # buffered: one write for the whole turn
     await asyncio.sleep(0)
     lines = state.journal_path.read_bytes().splitlines()
@@ -342,7 +342,7 @@ async def test_a_journal_write_failure_is_logged_and_the_save_still_has_everythi
     state.journaling = True
     state.journal_path.mkdir()  # the journal cannot be opened as a file
     with capture_logs() as logs:
-        state.put("A1", status="downloaded", path="/x/A1.jpg", sha256="00")
+        state.put("A1", status="downloaded", path="/x/A1.jpg", sha256="00", ext="jpg")
         await asyncio.sleep(0)
     assert [e["event"] for e in logs] == ["could not append to the state journal"]
     assert "Is a directory" in logs[0]["error"]
@@ -376,7 +376,7 @@ async def test_journal_warnings_name_no_item_and_a_torn_write_does_not_swallow_t
     async def worker() -> None:
         # A worker's context carries its item id; the flush of the whole turn must not.
         structlog.contextvars.bind_contextvars(item_id="A")
-        state.put("A", status="downloaded", path="/x/A.jpg", sha256="00")
+        state.put("A", status="downloaded", path="/x/A.jpg", sha256="00", ext="jpg")
 
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         await asyncio.create_task(worker())
@@ -401,17 +401,17 @@ async def test_two_failed_saves_in_a_row_lose_no_journaled_change(
 
     state = State(tmp_path / "state.json")
     state.journaling = True
-    state.put("A1", status="downloaded", path="/x/A1.jpg", sha256="aa")
+    state.put("A1", status="downloaded", path="/x/A1.jpg", sha256="aa", ext="jpg")
     await state.save()
 
     def disk_full(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(state_module, "write_bytes_atomic", disk_full)
-    state.put("B2", status="downloaded", path="/x/B2.jpg", sha256="bb")
+    state.put("B2", status="downloaded", path="/x/B2.jpg", sha256="bb", ext="jpg")
     with pytest.raises(OSError, match="No space left"):
         await state.save()  # the journal was rotated aside, the snapshot not written
-    state.put("C3", status="downloaded", path="/x/C3.jpg", sha256="cc")
+    state.put("C3", status="downloaded", path="/x/C3.jpg", sha256="cc", ext="jpg")
     with pytest.raises(OSError, match="No space left"):
         await state.save()  # rotates again: both generations must survive
     state.close()  # then the process dies: only the files are left

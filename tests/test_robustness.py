@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import itertools
 import json
 import os
@@ -313,6 +314,44 @@ async def test_the_token_goes_only_to_the_api_hosts_own_scheme(
         assert not is_zoho("https://127.0.0.1:18962/x")
     finally:
         await service.shutdown()
+
+
+async def test_state_entries_that_cannot_be_ours_are_set_right_not_trusted(
+    make_sim: SimFactory, make_config: Any, tmp_path: Path
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    a, b, c, d = sim.item_ids_with_images()[:4]
+    victim = tmp_path / "victim.jpg"
+    victim.write_bytes(b"not ours")
+    doc = json.loads(cfg.storage.state_file.read_bytes())
+    items = doc["items"]
+    items[a]["path"] = 3  # a number: open(3) would read and close our own descriptor 3
+    items[b]["bytes"] = "100"
+    st = victim.stat()  # outside the images folder, with matching facts
+    items[c].update(
+        path=str(victim),
+        bytes=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        ctime_ns=st.st_ctime_ns,
+        sha256=hashlib.sha256(b"not ours").hexdigest(),
+    )
+    items["../../escape"] = {**items[d], "status": "downloaded"}
+    cfg.storage.state_file.write_bytes(json.dumps(doc).encode())
+    with cfg.storage.state_file.with_name("state.json.journal").open("ab") as j:
+        j.write(b'{"id": [1], "entry": null}\n{"id": 5, "entry": {"status": "failed"}}\n')
+    report, code = await asyncio.wait_for(run_once(cfg), 60)
+    assert code == 0 and report["status"] == "success", report
+    st_ = report["statistics"]
+    # a, b, c: their file facts are not trusted, so they are fetched again (atomically).
+    assert (st_["new"], st_["unchanged"], st_["errors"]) == (3, 117, 0)
+    assert victim.read_bytes() == b"not ours"  # never read as ours, never touched
+    state = json.loads(cfg.storage.state_file.read_bytes())
+    assert "../../escape" not in state["items"] and "5" not in state["items"]
+    for item_id in (a, b, c):
+        assert state["items"][item_id]["path"] == str(cfg.storage.images_dir / f"{item_id}.jpg")
+    assert_mirror(sim, cfg.storage.images_dir)
 
 
 def _images_held(cfg: Any) -> set[str]:

@@ -278,7 +278,7 @@ def cmd_audit(args: argparse.Namespace, redactor: Redactor) -> int:
 
 def _read_state(cfg: Config) -> State:
     try:
-        return State.read(cfg.storage.state_file)
+        return State.read(cfg.storage.state_file, cfg.storage.images_dir)
     except StateCorrupt as exc:
         raise ConfigError("storage.state_file", str(exc)) from None
 

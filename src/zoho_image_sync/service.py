@@ -185,7 +185,7 @@ class Service:
             cfg.credentials.require()
         if readonly:
             try:
-                self.state = State.read(cfg.storage.state_file)
+                self.state = State.read(cfg.storage.state_file, cfg.storage.images_dir)
             except StateCorrupt:
                 self.state = State(cfg.storage.state_file)
         else:
@@ -195,7 +195,7 @@ class Service:
             swept += sweep_temporaries(cfg.storage.state_file.parent)
             if swept:
                 log.info("removed temporaries left by an earlier crash", count=swept)
-            self.state = State.open(cfg.storage.state_file)
+            self.state = State.open(cfg.storage.state_file, cfg.storage.images_dir)
             self.state.journaling = True
             self.state.before_save = self._before_save
         if self.state.recovered_from is not None:

@@ -29,12 +29,39 @@ from typing import Any, Final
 import orjson
 import structlog
 
-from .storage import sha256_file, split_image_name, valid_item_id, write_bytes_atomic
+from .storage import (
+    EXTENSIONS,
+    image_path,
+    sha256_file,
+    split_image_name,
+    valid_item_id,
+    write_bytes_atomic,
+)
 
 STATE_VERSION: Final = 1
 STATUSES: Final = ("downloaded", "no_image", "failed", "pending")
 
 log = structlog.get_logger(__name__)
+
+# What a downloaded entry says about its file; an entry whose file facts cannot be
+# trusted loses them and becomes pending: its image is fetched again.
+FILE_FIELDS: Final = ("path", "ext", "sha256", "bytes", "mtime_ns", "ctime_ns")
+
+
+def _file_facts_ok(item_id: str, entry: Mapping[str, Any], images_dir: str | None) -> bool:
+    path, ext = entry.get("path"), entry.get("ext")
+    if not (isinstance(path, str) and isinstance(ext, str) and ext in EXTENSIONS):
+        return False
+    if not isinstance(entry.get("sha256"), str):
+        return False
+    if any(
+        k in entry and (isinstance(entry[k], bool) or not isinstance(entry[k], int))
+        for k in ("bytes", "mtime_ns", "ctime_ns")
+    ):
+        return False
+    # Our files are named by the item and live in the images folder: a path anywhere else
+    # (edited by hand, or the folder moved in the config) is never read, kept or exported.
+    return images_dir is None or path == image_path(images_dir, item_id, ext)
 
 
 class StateCorrupt(Exception):
@@ -145,6 +172,8 @@ class State:
                     item_id = rec["id"]
                 except (ValueError, KeyError, TypeError):
                     continue  # a torn last line from a crash mid-write
+                if not isinstance(item_id, str):
+                    continue  # not a line we wrote
                 entry = rec.get("entry")
                 if entry is None:
                     self.items.pop(item_id, None)
@@ -158,8 +187,42 @@ class State:
     # -- reading -----------------------------------------------------------------
 
     @classmethod
-    def read(cls, path: Path) -> State:
-        """Load the checkpoint; a missing file is an empty state, a bad one raises."""
+    def read(cls, path: Path, images_dir: Path | None = None) -> State:
+        """Load the checkpoint; a missing file is an empty state, a bad one raises.
+
+        Entries that cannot be ours are set right (see ``_sanitise``); ``images_dir``
+        also sets right downloaded entries whose file is not in it.
+        """
+        state = cls._read(path)
+        state._sanitise(None if images_dir is None else str(images_dir))
+        return state
+
+    def _sanitise(self, images_dir: str | None) -> None:
+        dropped: list[str] = []
+        demoted: list[str] = []
+        for item_id, entry in list(self.items.items()):
+            if not valid_item_id(item_id):
+                # Never used as a file name (it could point anywhere): forgotten.
+                del self.items[item_id]
+                dropped.append(item_id[:80])
+            elif entry.get("status") == "downloaded" and not _file_facts_ok(
+                item_id, entry, images_dir
+            ):
+                kept = {k: v for k, v in entry.items() if k not in FILE_FIELDS}
+                self.items[item_id] = {**kept, "status": "pending"}
+                demoted.append(item_id)
+        if dropped or demoted:
+            self.dirty += 1
+            log.warning(
+                "state entries set right: ids that are not item ids forgotten; downloaded "
+                "entries with unusable file facts will be fetched again",
+                forgotten=len(dropped),
+                refetch=len(demoted),
+                examples=(dropped + demoted)[:5],
+            )
+
+    @classmethod
+    def _read(cls, path: Path) -> State:
         state = cls(path)
         try:
             raw = path.read_bytes()
@@ -189,10 +252,10 @@ class State:
         return state
 
     @classmethod
-    def open(cls, path: Path) -> State:
+    def open(cls, path: Path, images_dir: Path | None = None) -> State:
         """Load, or set a corrupt file aside (never overwrite it) and start empty."""
         try:
-            return cls.read(path)
+            return cls.read(path, images_dir)
         except StateCorrupt as exc:
             aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
             path.replace(aside)
