@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,21 @@ async def test_once_status_export_and_no_secret_leaks(make_sim: SimFactory, tmp_
     assert json.loads(bare.stdout) == {"written": 300, "path": "bare.json"}
     assert json.loads((out.parent / "bare.json").read_text()) == records
     assert sorted(p.name for p in out.parent.iterdir()) == ["bare.json", "records.json"]
+    # A pipe, a device or a link at --out is refused, not replaced by the rename.
+    fifo, link = out.parent / "pipe", out.parent / "link.json"
+    os.mkfifo(fifo)
+    link.symlink_to(out)
+    for target in (fifo, link):  # (not a real device: a regression would replace it)
+        refused = cli("-c", str(cfg), "export", "--out", str(target))
+        assert (refused.returncode, refused.stdout) == (1, ""), refused.stderr[-2000:]
+        assert "not a regular file" in refused.stderr
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and link.readlink() == out
+    audit = await asyncio.to_thread(
+        cli, "-c", str(cfg), "audit", "--list", str(fifo), env=CREDS_ENV
+    )
+    assert audit.returncode == 1 and "not a regular file" in audit.stderr
+    assert json.loads(audit.stdout)["total"] == 300  # the audit itself is still printed
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
     by_id = {r["zoho_item_id"]: r for r in records}
     good = sim.item_ids_with_images()[1]
     assert by_id[good]["image_path"] == f"images/item/{good}.jpg"

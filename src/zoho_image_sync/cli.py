@@ -233,6 +233,7 @@ def cmd_audit(args: argparse.Namespace, redactor: Redactor) -> int:
     """``audit``: page the catalogue, download nothing."""
     cfg = _load(args, redactor)
     service = Service(cfg, redactor=redactor)
+    list_failed: list[str] = []
 
     async def go() -> dict[str, Any]:
         await service.startup(readonly=True)
@@ -254,7 +255,13 @@ def cmd_audit(args: argparse.Namespace, redactor: Redactor) -> int:
                 w = csv.writer(buf, lineterminator="\n")
                 w.writerow(["zoho_item_id", "sku", "name"])
                 w.writerows(missing)
-                write_bytes_atomic(Path(args.list_file), buf.getvalue().encode("utf-8"))
+                try:
+                    write_bytes_atomic(
+                        Path(args.list_file), buf.getvalue().encode("utf-8"), only_over_files=True
+                    )
+                except OSError as exc:  # the audit itself is still printed
+                    log.error("cannot write the list", path=args.list_file, error=exc.strerror)
+                    list_failed.append(args.list_file)
             return {
                 "total": total,
                 "with_image": with_image,
@@ -273,7 +280,7 @@ def cmd_audit(args: argparse.Namespace, redactor: Redactor) -> int:
     except SyncError as exc:
         log.error("audit failed", error=str(exc))
         return exit_code(exc)
-    return EX_OK
+    return EX_FAILED if list_failed else EX_OK
 
 
 def _read_state(cfg: Config) -> State:

@@ -79,7 +79,7 @@ def render(records: list[dict[str, Any]], fmt: str) -> bytes:
 
 def write_export(records: list[dict[str, Any]], out: Path, fmt: str = "json") -> None:
     """Write the records atomically (temp, fsync, rename)."""
-    write_bytes_atomic(out, render(records, fmt), mode=0o644)
+    write_bytes_atomic(out, render(records, fmt), mode=0o644, only_over_files=True)
 
 
 class MergeError(ValueError):

@@ -11,6 +11,7 @@ import array
 import asyncio
 import collections
 import contextlib
+import errno
 import functools
 import hashlib
 import itertools
@@ -20,6 +21,7 @@ import os
 import queue
 import re
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -88,8 +90,22 @@ def temp_name(folder: Path, stem: str) -> Path:
     return folder / f"{TMP_PREFIX}{stem}-{unique()}"
 
 
-def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` atomically and durably (blocking; call in a thread)."""
+def write_bytes_atomic(
+    path: Path, data: bytes, mode: int = 0o644, only_over_files: bool = False
+) -> None:
+    """Write ``data`` to ``path`` atomically and durably (blocking; call in a thread).
+
+    ``only_over_files``: for a path a user names (export, audit list): a device, pipe,
+    folder or symbolic link there is refused, not replaced by the rename.
+    """
+    if only_over_files:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EEXIST, "exists and is not a regular file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_durably(path, data, mode)
 
