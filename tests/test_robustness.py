@@ -354,6 +354,32 @@ async def test_state_entries_that_cannot_be_ours_are_set_right_not_trusted(
     assert_mirror(sim, cfg.storage.images_dir)
 
 
+async def test_state_bookkeeping_of_the_wrong_shape_costs_no_crash(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    doc = json.loads(cfg.storage.state_file.read_bytes())
+    doc["meta"] = {
+        "budget": "x",
+        "passes_since_full": "abc",
+        "last_full_pages": None,
+        "last_complete_pass_started_at": "yesterday",
+    }
+    doc["last_pass"] = {"status": "success", "finished_at": 1.0}  # no statistics
+    cfg.storage.state_file.write_bytes(json.dumps(doc).encode())
+    report, code = await run_once(cfg)
+    assert (report["status"], code) == ("success", 0)
+    assert report["statistics"]["unchanged"] == 120
+    state = json.loads(cfg.storage.state_file.read_bytes())
+    assert state["meta"]["budget"]["spent"] == report["statistics"]["api_requests"] == 2
+    assert state["last_pass"]["statistics"] == report["statistics"]
+    # A complete full pass wrote the incremental bookkeeping afresh.
+    assert (state["meta"]["passes_since_full"], state["meta"]["last_full_pages"]) == (0, 2)
+    assert isinstance(state["meta"]["last_complete_pass_started_at"], float)
+
+
 def _images_held(cfg: Any) -> set[str]:
     return {p.name for p in cfg.storage.images_dir.iterdir()}
 

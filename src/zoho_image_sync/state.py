@@ -48,6 +48,14 @@ log = structlog.get_logger(__name__)
 FILE_FIELDS: Final = ("path", "ext", "sha256", "bytes", "mtime_ns", "ctime_ns")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _file_facts_ok(item_id: str, entry: Mapping[str, Any], images_dir: str | None) -> bool:
     path, ext = entry.get("path"), entry.get("ext")
     if not (isinstance(path, str) and isinstance(ext, str) and ext in EXTENSIONS):
@@ -198,6 +206,7 @@ class State:
         return state
 
     def _sanitise(self, images_dir: str | None) -> None:
+        self._sanitise_bookkeeping()
         dropped: list[str] = []
         demoted: list[str] = []
         for item_id, entry in list(self.items.items()):
@@ -220,6 +229,40 @@ class State:
                 refetch=len(demoted),
                 examples=(dropped + demoted)[:5],
             )
+
+    def _sanitise_bookkeeping(self) -> None:
+        """``meta`` and ``last_pass`` of the wrong shape (edited by hand) are dropped, each
+        value on its own: the budget spent today, the incremental bookkeeping, the last
+        report. Dropping one costs a full scan or a zero count, never a crash at start."""
+        wrong: list[str] = []
+        budget = self.meta.get("budget")
+        if budget is not None and not (
+            isinstance(budget, dict)
+            and _is_int(budget.get("spent", 0))
+            and isinstance(budget.get("day", ""), str)
+        ):
+            wrong.append("meta.budget")
+        for key in ("passes_since_full", "last_full_pages"):
+            if key in self.meta and not _is_int(self.meta[key]):
+                wrong.append(f"meta.{key}")
+        started = self.meta.get("last_complete_pass_started_at")
+        if started is not None and (
+            isinstance(started, bool) or not isinstance(started, int | float)
+        ):
+            wrong.append("meta.last_complete_pass_started_at")
+        for name in wrong:
+            del self.meta[name.removeprefix("meta.")]
+        last = self.last_pass
+        if last is not None and not (
+            isinstance(last.get("statistics"), dict)
+            and isinstance(last.get("status"), str)
+            and (last.get("finished_at") is None or _is_number(last.get("finished_at")))
+        ):
+            self.last_pass = None
+            wrong.append("last_pass")
+        if wrong:
+            self.dirty += 1
+            log.warning("state bookkeeping of the wrong shape dropped", keys=wrong)
 
     @classmethod
     def _read(cls, path: Path) -> State:
