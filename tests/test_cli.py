@@ -184,6 +184,36 @@ def test_bad_config_exits_78_naming_the_key(tmp_path: Path) -> None:
     assert "download.workers" in report["reason"]
 
 
+@pytest.mark.parametrize(
+    ("layout", "key", "why"),
+    [
+        ("state_file_is_a_folder", "storage.state_file", "Is a directory"),
+        ("state_folder_is_a_file", "storage.state_file", "a file is where a folder should be"),
+        ("images_dir_is_a_file", "storage.images_dir", "a file is where a folder should be"),
+    ],
+)
+def test_unusable_storage_paths_exit_78_naming_the_key(
+    tmp_path: Path, layout: str, key: str, why: str
+) -> None:
+    data = tmp_path / "data"
+    if layout == "state_folder_is_a_file":
+        data.write_text("")
+    else:
+        (data / "images").mkdir(parents=True)
+        if layout == "state_file_is_a_folder":
+            (data / "state.json").mkdir()
+        else:
+            (data / "images" / "item").write_text("")
+    # Nothing is sent: start-up stops before the first request.
+    cfg = write_toml(tmp_path / "config.toml", {"zoho": {"accounts_url": "http://127.0.0.1:9"}})
+    proc = cli("-c", str(cfg), "once", env=CREDS_ENV)
+    assert proc.returncode == 78, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["status"] == "failed"
+    assert report["reason"].startswith(f"{key}: cannot use ") and why in report["reason"]
+
+
 def test_second_instance_on_the_same_state_refuses(tmp_path: Path) -> None:
     import fcntl
 

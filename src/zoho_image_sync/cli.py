@@ -47,7 +47,7 @@ from .errors import (
 from .export import erp_records, merge, write_export
 from .logsetup import Redactor, configure
 from .loop import run as run_loop
-from .service import Daemon, Service, failed_report
+from .service import Daemon, Service, failed_report, storage_error
 from .state import State, StateCorrupt
 from .storage import write_bytes_atomic
 
@@ -285,7 +285,8 @@ def cmd_audit(args: argparse.Namespace, redactor: Redactor) -> int:
 
 def _read_state(cfg: Config) -> State:
     try:
-        return State.read(cfg.storage.state_file, cfg.storage.images_dir)
+        with storage_error("storage.state_file", cfg.storage.state_file):
+            return State.read(cfg.storage.state_file, cfg.storage.images_dir)
     except StateCorrupt as exc:
         raise ConfigError("storage.state_file", str(exc)) from None
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,20 @@ log = structlog.get_logger(__name__)
 # Items modified a little before the last complete pass started are asked for again:
 # clocks differ, and an edit during that pass may have been listed before it happened.
 INCREMENTAL_OVERLAP_SECONDS = 600.0
+
+
+@contextlib.contextmanager
+def storage_error(key: str, path: Path) -> Iterator[None]:
+    """An OSError on a configured path (a file where a folder should be, no permission)
+    becomes a ConfigError naming the key: exit 78 with a message, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else path
+        why = exc.strerror or str(exc)
+        if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+            why = "a file is where a folder should be"
+        raise ConfigError(key, f"cannot use {where}: {why}") from None
 
 
 class InstanceLock:
@@ -183,19 +199,24 @@ class Service:
         self.readonly = readonly
         if cfg.source.kind == "zoho":
             cfg.credentials.require()
+        state_file, images_dir = cfg.storage.state_file, cfg.storage.images_dir
         if readonly:
             try:
-                self.state = State.read(cfg.storage.state_file, cfg.storage.images_dir)
+                with storage_error("storage.state_file", state_file):
+                    self.state = State.read(state_file, images_dir)
             except StateCorrupt:
-                self.state = State(cfg.storage.state_file)
+                self.state = State(state_file)
         else:
-            self._lock.acquire()
-            cfg.storage.images_dir.mkdir(parents=True, exist_ok=True)
-            swept = sweep_temporaries(cfg.storage.images_dir)
-            swept += sweep_temporaries(cfg.storage.state_file.parent)
-            if swept:
-                log.info("removed temporaries left by an earlier crash", count=swept)
-            self.state = State.open(cfg.storage.state_file, cfg.storage.images_dir)
+            with storage_error("storage.state_file", state_file):
+                self._lock.acquire()
+            with storage_error("storage.images_dir", images_dir):
+                images_dir.mkdir(parents=True, exist_ok=True)
+                swept = sweep_temporaries(images_dir)
+            with storage_error("storage.state_file", state_file):
+                swept += sweep_temporaries(state_file.parent)
+                if swept:
+                    log.info("removed temporaries left by an earlier crash", count=swept)
+                self.state = State.open(state_file, images_dir)
             self.state.journaling = True
             self.state.before_save = self._before_save
         if self.state.recovered_from is not None:
