@@ -82,6 +82,36 @@ async def test_corrupt_state_is_set_aside_and_rebuilt(
     assert_folder_matches_state(cfg.storage.images_dir, cfg.storage.state_file)
 
 
+async def test_after_a_rebuild_a_file_never_fetched_again_is_never_deleted(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    logo = cfg.storage.images_dir / "logo.jpg"  # put there by hand: not an item of ours
+    logo.write_bytes(b"\xff\xd8\xff\xe0 a logo")
+    gone = sim.item_ids_with_images()[0]
+    cfg.storage.state_file.write_bytes(b"{not json")
+    sim.remove_item(gone)
+    for _ in range(3):  # the third: both have missed two complete scans
+        report, code = await run_once(cfg)
+        assert (report["status"], code) == ("success", 0)
+        assert report["statistics"]["removed"] == 0
+    # Adopted after the loss, neither was fetched since: no proof they are ours.
+    assert logo.read_bytes() == b"\xff\xd8\xff\xe0 a logo"
+    assert (cfg.storage.images_dir / f"{gone}.jpg").exists()
+    state = json.loads(cfg.storage.state_file.read_bytes())
+    assert "logo" not in state["items"] and gone not in state["items"]
+    # Items fetched again after the rebuild are ours again: a later removal deletes.
+    assert not any(e.get("rebuilt") for e in state["items"].values())
+    mine = sim.item_ids_with_images()[0]
+    sim.remove_item(mine)
+    for _ in range(2):
+        report, _ = await run_once(cfg)
+    assert report["statistics"]["removed"] == 1
+    assert not (cfg.storage.images_dir / f"{mine}.jpg").exists()
+
+
 async def test_journal_keeps_downloads_done_since_the_last_save(
     make_sim: SimFactory, make_config: Any
 ) -> None:

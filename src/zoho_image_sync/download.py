@@ -187,6 +187,7 @@ def _written(
         "bytes": sink.size,
         "mtime_ns": sink.mtime_ns,
         "ctime_ns": sink.ctime_ns,
+        "rebuilt": None,  # ours now, whatever the state said after a loss
         "reason": None,
         "detail": None,
     }

@@ -539,7 +539,16 @@ class SyncPass:
                 self.state.put(item_id, missing=True)
                 continue
             exts = self._on_disk.get(item_id, ())
-            if exts and remove_item_images(self.images_dir, item_id, None, exts):
+            if self.state.items[item_id].get("rebuilt"):
+                # Adopted from the folder after the state was lost, never fetched since:
+                # maybe not ours at all (a logo.jpg put there by hand). Never deleted.
+                if exts:
+                    log.warning(
+                        "not deleting a file this program may not have written",
+                        item_id=item_id,
+                        exts=list(exts),
+                    )
+            elif exts and remove_item_images(self.images_dir, item_id, None, exts):
                 self.stats.removed += 1
             self.state.drop(item_id)
             forgotten += 1
