@@ -69,6 +69,8 @@ async def test_items_file_downloads_exactly_the_valid_records(
         {"zoho_item_id": "BAD-URL-2", "image_url": "file:///etc/passwd"},
         {"zoho_item_id": "../../etc", "image_url": f"{sim.api_url}/items/1/image"},
         records[3],  # a duplicate id
+        {"name_en": "no id either"},  # a second entry without an id is no duplicate
+        42,  # not an object
     ]
     items_file = tmp_path / "all_zoho_inventory_items.json"
     items_file.write_text(json.dumps(records[:100] + bad + records[100:], ensure_ascii=False))
@@ -76,9 +78,16 @@ async def test_items_file_downloads_exactly_the_valid_records(
     report, code = await run_once(cfg)
     assert code == 0 and report["status"] == "partial"
     reasons = sorted(e["reason"] for e in report["errors"])
-    assert reasons == ["bad_item_id", "bad_item_id", "bad_url", "bad_url"]
+    assert reasons == ["bad_item_id"] * 4 + ["bad_url"] * 2
+    # Each bad id names its place in the file (the first of them is entry 101).
+    where = sorted(
+        e["detail"].rsplit("catalogue entry ", 1)[1]
+        for e in report["errors"]
+        if e["reason"] == "bad_item_id"
+    )
+    assert where == ["101)", "104)", "106)", "107)"]
     st = report["statistics"]
-    assert st["total"] == 2205 + 4  # the duplicate is not counted twice
+    assert st["total"] == 2205 + 6  # the duplicate is not counted twice
     assert st["new"] == 1605 and st["no_image"] == 600
     files = {p.stem: p.read_bytes() for p in cfg.storage.images_dir.iterdir()}
     assert set(files) == set(sim.item_ids_with_images())

@@ -299,16 +299,20 @@ class SyncPass:
         """Decide what one catalogue item needs: nothing, a removal, or a download."""
         item_id = item.item_id
         self.progress.items_seen += 1
+        if not valid_item_id(item_id):
+            # Before the duplicate check: every bad entry counts and is reported, even
+            # several without an id; the entry's position tells the ERP team which.
+            self.stats.total += 1
+            shown = item_id[:80].encode("unicode_escape").decode()
+            where = f"catalogue entry {self.progress.items_seen}"
+            self._error(shown, "bad_item_id", f"id must match ^[A-Za-z0-9_-]{{1,64}}$ ({where})")
+            self.metrics.image_failures.labels("bad_item_id").inc()
+            return
         if item_id in self._seen:
-            log.warning("item listed twice in one pass; ignored", item_id=item_id[:80])
+            log.warning("item listed twice in one pass; ignored", item_id=item_id)
             return
         self._seen.add(item_id)
         self.stats.total += 1
-        if not valid_item_id(item_id):
-            shown = item_id[:80].encode("unicode_escape").decode()
-            self._error(shown, "bad_item_id", "id must match ^[A-Za-z0-9_-]{1,64}$")
-            self.metrics.image_failures.labels("bad_item_id").inc()
-            return
         prev = self.state.get(item_id)  # entries are replaced on put, never changed: no copy
         if prev is not None and prev.get("missing"):
             prev = self.state.put(item_id, missing=None)
