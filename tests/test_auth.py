@@ -51,6 +51,29 @@ async def test_a_token_cached_for_other_credentials_is_not_reused(
     assert other not in cfg.token_file.read_text()  # the file keys by a hash, never the secret
 
 
+async def test_a_hand_edited_token_cache_is_bounded_and_made_private(
+    make_sim: SimFactory, make_config: Any
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg = make_config(sim)
+    await run_once(cfg)
+    doc = json.loads(cfg.token_file.read_bytes())
+    # Infinity: a block that would never end and a token that would never expire.
+    doc.update(blocked_until=float("inf"), expires_at=float("inf"))
+    cfg.token_file.write_text(json.dumps(doc))  # json writes Infinity, and reads it back
+    cfg.token_file.chmod(0o644)
+    service = Service(cfg)
+    await service.startup(readonly=True)
+    try:
+        assert service.tokens is not None
+        now = time.time()
+        assert now < service.tokens.blocked_until <= now + 30 * 60 + 5
+        assert now < service.tokens.expires_at <= now + 24 * 3600 + 5
+        assert cfg.token_file.stat().st_mode & 0o777 == 0o600
+    finally:
+        await service.shutdown()
+
+
 async def test_token_expiring_mid_pass_costs_one_refresh_and_no_item(
     make_sim: SimFactory, make_config: Any
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import random
 import time
 from collections.abc import Callable
@@ -30,6 +31,9 @@ log = structlog.get_logger(__name__)
 
 REFRESH_AHEAD_SECONDS: Final = 300.0
 THROTTLE_BACKOFF: Final = (15 * 60.0, 30 * 60.0)
+# Bounds on the times read back from the token cache (Zoho's tokens last an hour).
+MAX_CACHED_BLOCK: Final = THROTTLE_BACKOFF[1]
+MAX_CACHED_LIFETIME: Final = 24 * 3600.0
 PERMANENT_ERRORS: Final = {
     "invalid_client": "zoho.client_id",
     "invalid_client_secret": "zoho.client_secret",
@@ -109,12 +113,17 @@ class TokenManager:
 
     def _load_cache(self) -> None:
         try:
+            self._private_cache()
             doc = json.loads(self._cache_path.read_bytes())
             if self._cache_key() is None or doc.get("key") != self._cache_key():
                 return
-            # Zoho's throttle outlives a restart: so does our back-off.
-            self.blocked_until = float(doc.get("blocked_until") or 0.0)
+            now = self._wall()
+            # Zoho's throttle outlives a restart: so does our back-off. Both times are
+            # bounded (a hand-edited Infinity would block, or trust a token, for ever).
+            blocked = float(doc.get("blocked_until") or 0.0)
+            self.blocked_until = min(blocked, now + MAX_CACHED_BLOCK) if blocked > 0 else 0.0
             token, expires_at = doc["access_token"], float(doc["expires_at"] or 0.0)
+            expires_at = min(expires_at, now + MAX_CACHED_LIFETIME) if expires_at > 0 else 0.0
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return
         if isinstance(token, str) and token and expires_at > self._wall():
@@ -124,6 +133,20 @@ class TokenManager:
             self.api_domain = doc.get("api_domain") or None
             self.lifetime = float(doc.get("lifetime") or 3600.0)
             self._metrics.token_expiry.set(expires_at)
+
+    def _private_cache(self) -> None:
+        """The cache holds a secret: readable by its owner only, put right if it is not."""
+        try:
+            mode = self._cache_path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            return
+        if mode & 0o077:
+            os.chmod(self._cache_path, 0o600)
+            log.warning(
+                "token cache was readable by others; made private",
+                path=str(self._cache_path),
+                mode=f"{mode:04o}",
+            )
 
     def _save_cache(self) -> None:
         doc = {
