@@ -84,6 +84,12 @@ def test_bad_values_name_their_key(tmp_path: Path, text: str, key: str) -> None:
     assert info.value.key == key
 
 
+def test_a_config_saved_with_a_bom_reads(tmp_path: Path) -> None:
+    p = tmp_path / "config.toml"
+    p.write_bytes(b"\xef\xbb\xbf[download]\nworkers = 3\n")  # Notepad's UTF-8
+    assert load(p, env=ENV).download.workers == 3
+
+
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load(tmp_path / "absent.toml", env=ENV)

@@ -387,6 +387,13 @@ def test_streaming_parser_handles_chunk_boundaries_and_refuses_garbage(tmp_path:
             list(iter_json_array(p, read_bytes=3))
     p.write_text("[]")
     assert list(iter_json_array(p)) == []
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(docs[:3]).encode())  # a BOM, as Windows tools write
+    assert list(iter_json_array(p)) == docs[:3]
+    # Too deep, or a number too long for Python: named as the file's fault, not a crash.
+    for bad in ("[" + "[" * 100_000 + "]" * 100_000 + "]", "[" + "9" * 5000 + "]"):
+        p.write_text(bad)
+        with pytest.raises(ItemsFileError, match="element 0 cannot be read"):
+            list(iter_json_array(p))
 
 
 async def test_incremental_pass_retries_failed_items(

@@ -309,7 +309,7 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        data = tomllib.loads(raw.decode("utf-8-sig"))  # a BOM (Windows editors) is dropped
     except UnicodeDecodeError:
         raise ConfigError("config", f"{path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:

@@ -30,7 +30,7 @@ def iter_json_array(path: Path, read_bytes: int = READ_BYTES) -> Iterator[Any]:
     """Yield the elements of the JSON array in ``path`` one at a time."""
     decoder = json.JSONDecoder()
     try:
-        f = path.open("r", encoding="utf-8")
+        f = path.open("r", encoding="utf-8-sig")  # a BOM (Windows tools) is dropped
     except OSError as exc:
         raise ItemsFileError("source.items_file", f"cannot open {path}: {exc.strerror}") from None
     with f:
@@ -81,6 +81,10 @@ def iter_json_array(path: Path, read_bytes: int = READ_BYTES) -> Iterator[Any]:
                             "source.items_file",
                             f"{path}: element {index} is not valid JSON ({exc.msg})",
                         ) from None
+                except (ValueError, RecursionError) as exc:  # huge numbers, deep nesting
+                    raise ItemsFileError(
+                        "source.items_file", f"{path}: element {index} cannot be read ({exc})"
+                    ) from None
             pos = end
             yield value
             index += 1
