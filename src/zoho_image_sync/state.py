@@ -62,11 +62,10 @@ def _file_facts_ok(item_id: str, entry: Mapping[str, Any], images_dir: str | Non
         return False
     if not isinstance(entry.get("sha256"), str):
         return False
-    if any(
-        k in entry and (isinstance(entry[k], bool) or not isinstance(entry[k], int))
-        for k in ("bytes", "mtime_ns", "ctime_ns")
-    ):
-        return False
+    for key in ("bytes", "mtime_ns", "ctime_ns"):
+        value = entry.get(key, 0)
+        if type(value) is not int:  # bool is an int subclass: refused too
+            return False
     # Our files are named by the item and live in the images folder: a path anywhere else
     # (edited by hand, or the folder moved in the config) is never read, kept or exported.
     return images_dir is None or path == image_path(images_dir, item_id, ext)
@@ -207,19 +206,21 @@ class State:
 
     def _sanitise(self, images_dir: str | None) -> None:
         self._sanitise_bookkeeping()
-        dropped: list[str] = []
-        demoted: list[str] = []
-        for item_id, entry in list(self.items.items()):
-            if not valid_item_id(item_id):
-                # Never used as a file name (it could point anywhere): forgotten.
-                del self.items[item_id]
-                dropped.append(item_id[:80])
-            elif entry.get("status") == "downloaded" and not _file_facts_ok(
-                item_id, entry, images_dir
-            ):
-                kept = {k: v for k, v in entry.items() if k not in FILE_FIELDS}
-                self.items[item_id] = {**kept, "status": "pending"}
-                demoted.append(item_id)
+        items = self.items
+        # An id that is not an item id is never used as a file name (it could point
+        # anywhere): forgotten.
+        dropped = [item_id for item_id in items if not valid_item_id(item_id)]
+        for item_id in dropped:
+            del items[item_id]
+        demoted = [
+            item_id
+            for item_id, entry in items.items()
+            if entry.get("status") == "downloaded"
+            and not _file_facts_ok(item_id, entry, images_dir)
+        ]
+        for item_id in demoted:
+            kept = {k: v for k, v in items[item_id].items() if k not in FILE_FIELDS}
+            items[item_id] = {**kept, "status": "pending"}
         if dropped or demoted:
             self.dirty += 1
             log.warning(
@@ -227,7 +228,7 @@ class State:
                 "entries with unusable file facts will be fetched again",
                 forgotten=len(dropped),
                 refetch=len(demoted),
-                examples=(dropped + demoted)[:5],
+                examples=[i[:80] for i in (dropped + demoted)[:5]],
             )
 
     def _sanitise_bookkeeping(self) -> None:
