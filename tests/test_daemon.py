@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -79,6 +80,19 @@ async def test_bad_reload_keeps_the_old_config(
     d.signal(signal.SIGTERM)
     assert await d.wait() == 0
     assert b"download.workers" in d.stderr
+
+
+async def test_a_listen_port_in_use_exits_1_so_systemd_tries_again(
+    make_sim: SimFactory, daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    sim = await make_sim(**SMALL)
+    cfg, port = daemon_config(tmp_path, sim)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        d = await daemons(cfg, tmp_path)
+        assert await d.wait() == 1  # not 78: RestartPreventExitStatus=78 would end it
+    assert b"cannot listen" in d.stderr and b"a restart may succeed" in d.stderr
 
 
 async def test_sighup_with_fixed_credentials_recovers_without_a_restart(

@@ -454,15 +454,20 @@ class Daemon(Service):
             site = web.TCPSite(runner, host, port)
             await site.start()
         except OSError as exc:
+            # A port in use may be free in a moment (an old instance still draining):
+            # exit 1, which systemd restarts. Anything else (no such address, a port
+            # below 1024) is the configuration's: 78, which it does not.
+            busy = exc.errno == errno.EADDRINUSE
             log.error(
                 "cannot listen",
                 key="http.listen",
                 listen=self.config.http.listen,
                 error=exc.strerror,
+                retry="a restart may succeed" if busy else "fix http.listen",
             )
             await runner.cleanup()
             await self.shutdown()
-            return EX_CONFIG
+            return EX_FAILED if busy else EX_CONFIG
         log.info("serving", listen=self.config.http.listen, pid=os.getpid())
         self.notifier.ready("started")
         try:
