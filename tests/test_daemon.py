@@ -59,13 +59,14 @@ async def test_bad_reload_keeps_the_old_config(
     d = await daemons(cfg, tmp_path)
     await d.wait_for("STATUS=last pass success")
     good = cfg.read_text()
-    cfg.write_text(good.replace("workers = 8", "workers = 0"))
-    d.signal(signal.SIGHUP)
-    await d.wait_for("RELOADING=1")
-    await d.wait_for("READY=1")
-    m = await scrape(port)
-    assert m[("zoho_image_sync_config_last_reload_successful", ())] == 0
-    assert m[("zoho_image_sync_workers", ())] == 8
+    for bad in (good.replace("workers = 8", "workers = 0"), "\n"):  # a value; an empty file
+        cfg.write_text(bad)
+        d.signal(signal.SIGHUP)
+        await d.wait_for("RELOADING=1")
+        await d.wait_for("READY=1")
+        m = await scrape(port)
+        assert m[("zoho_image_sync_config_last_reload_successful", ())] == 0
+        assert m[("zoho_image_sync_workers", ())] == 8
     status, state = await get_json(port, "/state")
     assert status == 200 and state["workers"] == 8
     assert d.proc is not None and d.proc.returncode is None
