@@ -115,8 +115,9 @@ async def run_job(
     if job.verify_only and prev is not None:
         st = await asyncio.to_thread(verified_stat, prev)
         if st is not None:
-            stamp = {"mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
-            return Outcome("unchanged", {**base, **stamp})
+            return Outcome(
+                "unchanged", {**base, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+            )
     sink = ImageSink(images_dir, item.item_id)
     t0 = time.perf_counter()
     try:
@@ -153,17 +154,25 @@ def _item_failed(exc: ItemError, job: Job, base: Mapping[str, Any], metrics: Met
     return Outcome("error", dict(base), reason=exc.reason, detail=exc.detail)
 
 
+def disk_failure(exc: OSError, images_dir: Path) -> StorageError | ItemError:
+    """What an OSError on the images folder (a write or a removal) means: the folder
+    refusing every write (stop the pass, do not mark every item failed), or this item's."""
+    detail = f"{exc.strerror or exc} ({images_dir})"
+    if exc.errno in DISK_WIDE:
+        return StorageError(f"images folder refuses writes: {detail}")
+    return ItemError("write_failed", detail)
+
+
 def _write_failed(
     exc: OSError, job: Job, base: Mapping[str, Any], images_dir: Path, metrics: Metrics
 ) -> Outcome:
     # The client maps every network error (aiohttp's are OSErrors too) into our tree, so an
     # OSError here comes from the disk: the spill file or the commit.
-    detail = f"{exc.strerror or exc} ({images_dir})"
-    if exc.errno in DISK_WIDE:
-        # Every other item would fail the same way: stop, do not mark them all failed.
+    failure = disk_failure(exc, images_dir)
+    if isinstance(failure, StorageError):
         metrics.image_failures.labels("write_failed").inc()
-        raise StorageError(f"images folder refuses writes: {detail}") from None
-    return _item_failed(ItemError("write_failed", detail), job, base, metrics)
+        raise failure from None
+    return _item_failed(failure, job, base, metrics)
 
 
 def _written(

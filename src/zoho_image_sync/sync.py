@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from .download import DISK_WIDE, Handoff, Job, Outcome, image_fields, run_job
+from .download import Handoff, Job, Outcome, disk_failure, image_fields, run_job
 from .errors import (
     BudgetExhausted,
     ConfigError,
@@ -398,14 +398,12 @@ class SyncPass:
                 )
             except OSError as exc:
                 # The entry stays as it was: the next pass tries the removal again.
-                detail = f"cannot remove the image: {exc.strerror or exc} ({self.images_dir})"
                 self.metrics.image_failures.labels("write_failed").inc()
-                if exc.errno in DISK_WIDE:
-                    self._halt_for(
-                        StorageError(f"images folder refuses writes: {detail}"), item.item_id
-                    )
+                failure = disk_failure(exc, self.images_dir)
+                if isinstance(failure, StorageError):
+                    self._halt_for(failure, item.item_id)
                 else:
-                    self._error(item.item_id, "write_failed", detail)
+                    self._error(item.item_id, failure.reason, failure.detail)
                 return
             if removed:
                 self.stats.removed += 1
