@@ -299,8 +299,12 @@ class Config:
         return f"Config(path={self.path!s}, zoho.organization_id={self.zoho.organization_id!r})"
 
 
-def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
-    """Read and validate the TOML file at ``path``."""
+def load(path: Path, env: Mapping[str, str] | None = None, allow_empty: bool = True) -> Config:
+    """Read and validate the TOML file at ``path``.
+
+    ``allow_empty=False`` (a reload): an empty file is refused; all defaults replacing
+    every setting is likelier a file caught half-saved than what the operator meant.
+    """
     try:
         raw = path.read_bytes()
         mode = path.stat().st_mode
@@ -308,6 +312,8 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError("config", f"file not found: {path}") from None
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    if not allow_empty and not raw.strip():
+        raise ConfigError("config", f"{path} is empty")
     try:
         data = tomllib.loads(raw.decode("utf-8-sig"))  # a BOM (Windows editors) is dropped
     except UnicodeDecodeError:

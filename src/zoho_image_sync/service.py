@@ -541,12 +541,7 @@ class Daemon(Service):
         try:
             if self.config_path is None:
                 raise ConfigError("config", "no config file to reload")
-            with contextlib.suppress(OSError):  # load_config names what is wrong with it
-                if not self.config_path.read_bytes().strip():
-                    # All defaults would replace every setting: more likely a file caught
-                    # half-saved than what the operator meant.
-                    raise ConfigError("config", f"{self.config_path} is empty")
-            new = load_config(self.config_path)
+            new = load_config(self.config_path, allow_empty=False)
             await self.apply(new)
         except ConfigError as exc:
             self.reload_ok = False
