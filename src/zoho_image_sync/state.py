@@ -62,10 +62,8 @@ def _file_facts_ok(item_id: str, entry: Mapping[str, Any], images_dir: str | Non
         return False
     if not isinstance(entry.get("sha256"), str):
         return False
-    for key in ("bytes", "mtime_ns", "ctime_ns"):
-        value = entry.get(key, 0)
-        if type(value) is not int:  # bool is an int subclass: refused too
-            return False
+    if not all(_is_int(entry.get(key, 0)) for key in ("bytes", "mtime_ns", "ctime_ns")):
+        return False
     # Our files are named by the item and live in the images folder: a path anywhere else
     # (edited by hand, or the folder moved in the config) is never read, kept or exported.
     return images_dir is None or path == image_path(images_dir, item_id, ext)
@@ -235,24 +233,20 @@ class State:
         """``meta`` and ``last_pass`` of the wrong shape (edited by hand) are dropped, each
         value on its own: the budget spent today, the incremental bookkeeping, the last
         report. Dropping one costs a full scan or a zero count, never a crash at start."""
-        wrong: list[str] = []
-        budget = self.meta.get("budget")
-        if budget is not None and not (
-            isinstance(budget, dict)
-            and _is_int(budget.get("spent", 0))
-            and isinstance(budget.get("day", ""), str)
-        ):
-            wrong.append("meta.budget")
-        for key in ("passes_since_full", "last_full_pages"):
-            if key in self.meta and not _is_int(self.meta[key]):
-                wrong.append(f"meta.{key}")
-        started = self.meta.get("last_complete_pass_started_at")
-        if started is not None and (
-            isinstance(started, bool) or not isinstance(started, int | float)
-        ):
-            wrong.append("meta.last_complete_pass_started_at")
-        for name in wrong:
-            del self.meta[name.removeprefix("meta.")]
+        meta = self.meta
+        shapes: dict[str, Callable[[Any], bool]] = {
+            "budget": lambda b: (
+                isinstance(b, dict)
+                and _is_int(b.get("spent", 0))
+                and isinstance(b.get("day", ""), str)
+            ),
+            "passes_since_full": _is_int,
+            "last_full_pages": _is_int,
+            "last_complete_pass_started_at": _is_number,
+        }
+        wrong = [key for key, ok in shapes.items() if key in meta and not ok(meta[key])]
+        for key in wrong:
+            del meta[key]
         last = self.last_pass
         if last is not None and not (
             isinstance(last.get("statistics"), dict)
