@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -12,7 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import pytest
 from aiohttp import web
@@ -28,6 +29,7 @@ CREDS_ENV: Final = DEMO_CREDS_ENV
 # A small catalogue: 300 items, 120 with an image, most tests need no more.
 SMALL: Final = {"items": 300, "with_images": 120, "min_image_bytes": 2000, "max_image_bytes": 20000}
 
+ServiceT = TypeVar("ServiceT", bound=Service)
 SimFactory = Callable[..., Any]
 DaemonFactory = Callable[..., Awaitable[Daemon]]
 HttpServer = Callable[[Iterable[web.AbstractRouteDef]], Awaitable[str]]
@@ -163,6 +165,16 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
         return Config.from_mapping(doc, tmp_path, env=CREDS_ENV if env is None else env)
 
     return factory
+
+
+@contextlib.asynccontextmanager
+async def started(service: ServiceT, readonly: bool = False) -> AsyncIterator[ServiceT]:
+    """``service`` started up (in this process) for the block, shut down after it."""
+    await service.startup(readonly=readonly)
+    try:
+        yield service
+    finally:
+        await service.shutdown()
 
 
 async def run_once(cfg: Config, **kw: Any) -> tuple[dict[str, Any], int]:

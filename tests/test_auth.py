@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import CREDS_ENV, SMALL, SimFactory, assert_mirror, run_once
+from conftest import CREDS_ENV, SMALL, SimFactory, assert_mirror, run_once, started
 from zoho_image_sync.errors import ConfigError
 from zoho_image_sync.service import Service
 
@@ -62,16 +62,12 @@ async def test_a_hand_edited_token_cache_is_bounded_and_made_private(
     doc.update(blocked_until=float("inf"), expires_at=float("inf"))
     cfg.token_file.write_text(json.dumps(doc))  # json writes Infinity, and reads it back
     cfg.token_file.chmod(0o644)
-    service = Service(cfg)
-    await service.startup(readonly=True)
-    try:
+    async with started(Service(cfg), readonly=True) as service:
         assert service.tokens is not None
         now = time.time()
         assert now < service.tokens.blocked_until <= now + 30 * 60 + 5
         assert now < service.tokens.expires_at <= now + 24 * 3600 + 5
         assert cfg.token_file.stat().st_mode & 0o777 == 0o600
-    finally:
-        await service.shutdown()
 
 
 async def test_token_expiring_mid_pass_costs_one_refresh_and_no_item(

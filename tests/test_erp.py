@@ -22,6 +22,7 @@ from conftest import (
     cli,
     config_doc,
     run_once,
+    started,
     write_toml,
 )
 from zoho_image_sync.service import Service
@@ -288,9 +289,7 @@ async def test_incremental_pass_asks_only_for_modified_items(
 ) -> None:
     sim = await make_sim()  # 12 pages when read in full
     cfg = make_config(sim, sync={"full_rescan_every": 3})
-    service = Service(cfg)
-    await service.startup()
-    try:
+    async with started(Service(cfg)) as service:
         first = await service.run_pass(allow_incremental=True)
         assert "incremental" not in first
         ids = sim.item_ids_with_images()
@@ -312,8 +311,6 @@ async def test_incremental_pass_asks_only_for_modified_items(
         fourth = await service.run_pass(allow_incremental=True)  # 1 full + 2 incremental
         assert "incremental" not in fourth
         assert sum(r.endpoint == "items" for r in sim.records) == 12
-    finally:
-        await service.shutdown()
 
 
 @pytest.mark.parametrize("damage", ["deleted", "rewritten", "chmod"])
@@ -322,9 +319,7 @@ async def test_incremental_pass_puts_right_the_file_of_an_unmodified_item(
 ) -> None:
     sim = await make_sim()
     cfg = make_config(sim, sync={"full_rescan_every": 24})
-    service = Service(cfg)
-    await service.startup()
-    try:
+    async with started(Service(cfg)) as service:
         await service.run_pass(allow_incremental=True)  # the first is a full scan
         hit = sim.item_ids_with_images()[2]
         path = cfg.storage.images_dir / f"{hit}.jpg"
@@ -352,8 +347,6 @@ async def test_incremental_pass_puts_right_the_file_of_an_unmodified_item(
         entry = service.state.get(hit)
         assert entry is not None and entry["status"] == "downloaded"
         assert entry["ctime_ns"] == path.stat().st_ctime_ns
-    finally:
-        await service.shutdown()
 
 
 async def test_books_endpoint_serves_when_the_inventory_scope_is_missing(
@@ -403,17 +396,13 @@ async def test_incremental_pass_retries_failed_items(
     victim = sim.item_ids_with_images()[4]
     sim.add_fault("status", victim, times=3, status=500)
     cfg = make_config(sim, download={"max_attempts": 3})
-    service = Service(cfg)
-    await service.startup()
-    try:
+    async with started(Service(cfg)) as service:
         first = await service.run_pass(allow_incremental=True)
         assert [e["zoho_item_id"] for e in first["errors"]] == [victim]
         second = await service.run_pass(allow_incremental=True)
         assert second["incremental"]["pages"] == 1  # nothing modified in Zoho...
         assert second["statistics"]["new"] == 1  # ...but the failed item was tried again
         assert second["status"] == "success"
-    finally:
-        await service.shutdown()
 
 
 async def test_gzipped_bodies_are_unpacked_and_a_gzip_bomb_stops_at_the_cap(

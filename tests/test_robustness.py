@@ -24,6 +24,7 @@ from conftest import (
     assert_mirror,
     config_doc,
     run_once,
+    started,
     stop_with_writes_held,
     write_toml,
 )
@@ -195,9 +196,7 @@ async def test_an_images_folder_removed_between_passes_is_made_again_and_refille
 ) -> None:
     sim = await make_sim(**SMALL)
     cfg = make_config(sim)
-    service = Service(cfg)
-    await service.startup()
-    try:
+    async with started(Service(cfg)) as service:
         await service.run_pass()
         shutil.rmtree(cfg.storage.images_dir)
         report = await service.run_pass()
@@ -205,8 +204,6 @@ async def test_an_images_folder_removed_between_passes_is_made_again_and_refille
         st = report["statistics"]
         assert (st["updated"], st["errors"]) == (120, 0)
         assert_mirror(sim, cfg.storage.images_dir)
-    finally:
-        await service.shutdown()
 
 
 async def test_an_images_folder_removed_mid_pass_stops_the_pass_not_every_item(
@@ -214,9 +211,7 @@ async def test_an_images_folder_removed_mid_pass_stops_the_pass_not_every_item(
 ) -> None:
     sim = await make_sim(**SMALL)
     cfg = make_config(sim, download={"workers": 2})
-    service = Service(cfg)
-    await service.startup()
-    try:
+    async with started(Service(cfg)) as service:
         task = asyncio.create_task(service.run_pass())
         await asyncio.wait_for(sim.wait_api_requests(1 + 10), 30)  # page 1 and 10 images
         cfg.storage.images_dir.rename(tmp_path / "moved-away")  # gone, in one step
@@ -230,8 +225,6 @@ async def test_an_images_folder_removed_mid_pass_stops_the_pass_not_every_item(
         again = await service.run_pass()
         assert again["status"] == "success"
         assert_mirror(sim, cfg.storage.images_dir)
-    finally:
-        await service.shutdown()
 
 
 @pytest.mark.parametrize(
@@ -275,9 +268,7 @@ async def test_a_reload_reads_the_url_map_again_and_refuses_a_bad_one(
     url_map = tmp_path / "image_urls.json"
     url_map.write_text("{}")
     path = write_toml(tmp_path / "config.toml", config_doc(sim, source={"url_map": str(url_map)}))
-    service = Daemon(load_config(path))
-    await service.startup()
-    try:
+    async with started(Daemon(load_config(path))) as service:
         first = await service.run_pass()
         assert first["status"] == "success"
         a = sim.item_ids_with_images()[0]
@@ -293,8 +284,6 @@ async def test_a_reload_reads_the_url_map_again_and_refuses_a_bad_one(
         assert not await service.reload()  # credentials gone: refused, nothing changed
         assert service.url_map == {a: "ftp://example.invalid/a.jpg"}
         assert service.config.credentials.refresh_token is not None
-    finally:
-        await service.shutdown()
 
 
 async def test_the_token_goes_only_to_the_api_hosts_own_scheme(
@@ -302,9 +291,7 @@ async def test_the_token_goes_only_to_the_api_hosts_own_scheme(
 ) -> None:
     sim = await make_sim(**SMALL)
     cfg = make_config(sim, zoho={"api_url": "https://127.0.0.1:18961/inventory/v1"})
-    service = Service(cfg)
-    await service.startup()  # no request is sent
-    try:
+    async with started(Service(cfg)) as service:  # no request is sent
         assert service.client is not None
         is_zoho = service.client.is_zoho_url
         assert is_zoho("https://127.0.0.1:18961/inventory/v1/items/1/image")
@@ -312,8 +299,6 @@ async def test_the_token_goes_only_to_the_api_hosts_own_scheme(
         # Same host and port, plain http: no token (it would travel in clear text).
         assert not is_zoho("http://127.0.0.1:18961/inventory/v1/items/1/image")
         assert not is_zoho("https://127.0.0.1:18962/x")
-    finally:
-        await service.shutdown()
 
 
 async def test_state_entries_that_cannot_be_ours_are_set_right_not_trusted(
